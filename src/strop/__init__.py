@@ -1,0 +1,3 @@
+"""strop: train large language models from one YAML file."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,205 @@
+"""Cross-field rules: combinations of keys that cannot work together, each with its fix.
+
+Every rule runs (not only the first that fails) so a user fixes a config in one pass. A rule
+names the keys it is about; the loader turns those into `file:line` positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from strop.config.schema import StropConfig
+
+
+@dataclass(frozen=True)
+class Violation:
+    keys: tuple[str, ...]
+    message: str
+
+
+class RuleViolations(Exception):  # noqa: N818 - not a ValueError on purpose: pydantic must not wrap it
+    """Raised from the schema's after-validator with every violated rule."""
+
+    def __init__(self, violations: list[Violation]):
+        super().__init__("; ".join(v.message for v in violations))
+        self.violations = violations
+
+
+LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_linear",
+             "lora_fan_in_fan_out", "lora_modules_to_save", "lora_model_dir", "peft_use_dora",
+             "peft_use_rslora", "peft_init_lora_weights", "loraplus_lr_ratio",
+             "loraplus_lr_embedding", "peft_layers_to_transform")
+
+
+def _set(cfg: StropConfig, key: str) -> bool:
+    """The key was written (in the file or an override) with a value that asks for something."""
+    return key in cfg.model_fields_set and getattr(cfg, key) not in (None, False, [], {})
+
+
+def _model(cfg: StropConfig) -> list[Violation]:
+    out = []
+    if cfg.base_model is None and not cfg.model_config_dict and not cfg.base_model_config:
+        out.append(Violation(("base_model",), "base_model is required: a local model directory or "
+                             "a hub id; to build a new model from scratch, give model_config with "
+                             "model_type and sizes instead"))
+    if cfg.from_scratch and cfg.model_config_dict and not cfg.base_model_config \
+            and "model_type" not in cfg.model_config_dict:
+        out.append(Violation(("model_config",), "model_config builds a model from scratch and needs "
+                             "model_type (llama, mistral, qwen2, gpt2, bert, ...); add "
+                             "model_config.model_type"))
+    if cfg.pretrain_tokenizer is not None and not cfg.from_scratch:
+        out.append(Violation(("pretrain_tokenizer",), "pretrain_tokenizer trains a new tokenizer, "
+                             "which only fits a model built from scratch; remove pretrain_tokenizer "
+                             "to keep base_model's tokenizer, or remove base_model"))
+    building = cfg.from_scratch and (cfg.model_config_dict or cfg.base_model_config)
+    if building and cfg.pretrain_tokenizer is None and not cfg.tokenizer_config:
+        out.append(Violation(("tokenizer_config",), "a model built from scratch needs a tokenizer: "
+                             "set pretrain_tokenizer (train one on the corpus) or tokenizer_config "
+                             "(a tokenizer directory or hub id)"))
+    legacy = [k for k in ("flash_attention", "sdp_attention", "eager_attention") if _set(cfg, k)]
+    if cfg.attn_implementation and legacy:
+        out.append(Violation((legacy[0], "attn_implementation"), f"{legacy[0]} and "
+                             "attn_implementation both choose the attention kernel; keep only "
+                             "attn_implementation"))
+    elif len(legacy) > 1:
+        out.append(Violation(tuple(legacy), f"{' and '.join(legacy)} both choose the attention "
+                             "kernel; keep one (or use attn_implementation)"))
+    if cfg.chat_template and cfg.chat_template != "jinja" and cfg.chat_template_jinja:
+        out.append(Violation(("chat_template", "chat_template_jinja"), "chat_template_jinja gives "
+                             "a custom template, so chat_template must be jinja or left out"))
+    if _set(cfg, "compile") and _set(cfg, "torch_compile") and cfg.compile != cfg.torch_compile:
+        out.append(Violation(("compile", "torch_compile"), "compile and torch_compile disagree; "
+                             "keep one of them"))
+    return out
+
+
+def _quantization(cfg: StropConfig) -> list[Violation]:
+    out = []
+    if cfg.load_in_4bit and cfg.load_in_8bit:
+        out.append(Violation(("load_in_4bit", "load_in_8bit"), "load_in_4bit and load_in_8bit are "
+                             "both true; choose one (4-bit for qlora)"))
+    if cfg.adapter == "qlora" and not cfg.load_in_4bit:
+        out.append(Violation(("adapter", "load_in_4bit"), "adapter: qlora trains LoRA on a 4-bit "
+                             "base and needs load_in_4bit: true (or use adapter: lora)"))
+    if cfg.adapter == "qlora" and cfg.load_in_8bit:
+        out.append(Violation(("adapter", "load_in_8bit"), "adapter: qlora uses a 4-bit base, not "
+                             "8-bit; set load_in_8bit: false and load_in_4bit: true"))
+    if cfg.load_in_4bit and cfg.adapter != "qlora":
+        out.append(Violation(("load_in_4bit", "adapter"), "load_in_4bit needs adapter: qlora (a "
+                             "4-bit model cannot be fully fine-tuned); set adapter: qlora"))
+    if cfg.load_in_8bit and cfg.adapter is None:
+        out.append(Violation(("load_in_8bit", "adapter"), "load_in_8bit needs adapter: lora (an "
+                             "8-bit model cannot be fully fine-tuned); set adapter: lora"))
+    if (cfg.load_in_4bit or cfg.load_in_8bit) and cfg.from_scratch:
+        out.append(Violation(("load_in_4bit" if cfg.load_in_4bit else "load_in_8bit",),
+                             "quantized loading needs pretrained weights (base_model); a model "
+                             "built from scratch trains in full precision"))
+    if cfg.bnb_config_kwargs is not None:
+        for key in ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype"):
+            if key in cfg.model_fields_set and getattr(cfg.bnb_config_kwargs, key) is not None:
+                out.append(Violation((key, "bnb_config_kwargs"), f"{key} is set both top-level and "
+                                     "in bnb_config_kwargs; keep one"))
+    return out
+
+
+def _adapter(cfg: StropConfig) -> list[Violation]:
+    out = []
+    if cfg.adapter is None:
+        stray = [k for k in LORA_KEYS if _set(cfg, k)]
+        if stray:
+            out.append(Violation((stray[0],), f"{', '.join(stray)} set without an adapter; set "
+                                 "adapter: lora (or qlora), or remove the LoRA keys for full "
+                                 "fine-tuning"))
+        return out
+    if not cfg.lora_target_modules and not cfg.lora_target_linear:
+        out.append(Violation(("lora_target_modules",), f"adapter: {cfg.adapter} needs targets: set "
+                             "lora_target_linear: true (every linear layer) or lora_target_modules "
+                             "(e.g. [q_proj, k_proj, v_proj, o_proj]); `strop inspect` lists them"))
+    if cfg.from_scratch:
+        out.append(Violation(("adapter",), f"adapter: {cfg.adapter} on a model built from scratch "
+                             "would train adapters on random weights; pretrain in full first "
+                             "(no adapter), then fine-tune that model with an adapter"))
+    return out
+
+
+def _schedule(cfg: StropConfig) -> list[Violation]:
+    out = []
+    if cfg.warmup_steps is not None and cfg.warmup_ratio is not None:
+        out.append(Violation(("warmup_steps", "warmup_ratio"), "warmup_steps and warmup_ratio are "
+                             "both set; keep one of them"))
+    if cfg.batch_size is not None and \
+            cfg.batch_size != cfg.micro_batch_size * cfg.gradient_accumulation_steps:
+        if "gradient_accumulation_steps" in cfg.model_fields_set:
+            out.append(Violation(("batch_size",), f"batch_size {cfg.batch_size} disagrees with "
+                                 f"micro_batch_size x gradient_accumulation_steps = "
+                                 f"{cfg.micro_batch_size * cfg.gradient_accumulation_steps}; "
+                                 "remove batch_size"))
+        elif cfg.batch_size % cfg.micro_batch_size:
+            out.append(Violation(("batch_size",), f"batch_size {cfg.batch_size} is not a multiple "
+                                 f"of micro_batch_size {cfg.micro_batch_size}; set "
+                                 "gradient_accumulation_steps instead"))
+    if cfg.lr_scheduler == "constant" and (cfg.warmup_steps or cfg.warmup_ratio):
+        out.append(Violation(("lr_scheduler",), "lr_scheduler: constant has no warmup; use "
+                             "constant_with_warmup, or remove warmup_steps/warmup_ratio"))
+    if cfg.cosine_min_lr_ratio is not None and cfg.lr_scheduler != "cosine":
+        out.append(Violation(("cosine_min_lr_ratio",), "cosine_min_lr_ratio applies to "
+                             "lr_scheduler: cosine only; set lr_scheduler: cosine or remove it"))
+    if cfg.optimizer != "sgd" and (_set(cfg, "sgd_momentum") or _set(cfg, "sgd_nesterov")):
+        out.append(Violation(("sgd_momentum",), f"sgd_momentum/sgd_nesterov apply to optimizer: "
+                             f"sgd, not {cfg.optimizer}"))
+    if cfg.sgd_nesterov and cfg.sgd_momentum == 0:
+        out.append(Violation(("sgd_nesterov",), "sgd_nesterov needs sgd_momentum > 0 (e.g. 0.9)"))
+    return out
+
+
+def _eval_and_save(cfg: StropConfig) -> list[Violation]:
+    out = []
+    if cfg.save_steps is not None and cfg.saves_per_epoch is not None:
+        out.append(Violation(("save_steps", "saves_per_epoch"), "save_steps and saves_per_epoch "
+                             "are both set; keep one of them"))
+    if cfg.eval_steps is not None and cfg.evals_per_epoch is not None:
+        out.append(Violation(("eval_steps", "evals_per_epoch"), "eval_steps and evals_per_epoch "
+                             "are both set; keep one of them"))
+    if cfg.early_stopping_patience and not cfg.has_eval_data:
+        out.append(Violation(("early_stopping_patience",), "early_stopping_patience needs "
+                             "evaluation data: set val_set_size (e.g. 0.05) or test_datasets"))
+    if cfg.val_set_size >= 1 and cfg.val_set_size != int(cfg.val_set_size):
+        out.append(Violation(("val_set_size",), f"val_set_size {cfg.val_set_size} is neither a "
+                             "fraction below 1 nor a whole number of rows"))
+    if cfg.resume_from_checkpoint and cfg.lora_model_dir:
+        out.append(Violation(("resume_from_checkpoint", "lora_model_dir"), "resume_from_checkpoint "
+                             "already restores the adapter; remove lora_model_dir"))
+    if not cfg.save_safetensors:
+        out.append(Violation(("save_safetensors",), "save_safetensors: false is not supported: "
+                             "strop writes safetensors only (pickled weights can run code)"))
+    return out
+
+
+def _precision(cfg: StropConfig) -> list[Violation]:
+    out = []
+    if cfg.bf16 is True and cfg.fp16:
+        out.append(Violation(("bf16", "fp16"), "bf16 and fp16 are both true; choose one (bf16 where "
+                             "the device has it)"))
+    if cfg.bf16 is True or cfg.device == "cuda":
+        from strop.device import detect
+
+        caps = detect()
+        if cfg.device == "cuda" and not caps.cuda:
+            out.append(Violation(("device",), "device: cuda but no CUDA GPU is visible; use device: "
+                                 "auto (or cpu)"))
+        elif cfg.bf16 is True and not caps.bf16_supported(cfg.device):
+            where = "GPU" if caps.resolve(cfg.device) == "cuda" else f"CPU ({caps.cpu_name})"
+            out.append(Violation(("bf16",), f"bf16: true, but this {where} has no native bf16; set "
+                                 "bf16: auto (bf16 only where supported) or bf16: false"))
+    return out
+
+
+RULES = (_model, _quantization, _adapter, _schedule, _eval_and_save, _precision)
+
+
+def check_rules(cfg: StropConfig) -> None:
+    violations = [v for rule in RULES for v in rule(cfg)]
+    if violations:
+        raise RuleViolations(violations)

@@ -1,0 +1,33 @@
+"""Errors meant for people.
+
+A `StropError` is something the user can fix (a config key, a file, a flag); the CLI prints its
+message on one line per problem and exits with status 2. Anything else that escapes is a bug in
+strop and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+EXIT_USAGE = 2
+
+
+class StropError(Exception):
+    """A problem with the user's input, with a message that says what and how to fix it."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or [message]
+
+    def __str__(self) -> str:  # one line per problem
+        return "\n".join(self.problems)
+
+
+class ConfigError(StropError):
+    """One or more problems found in a config (file, overrides or cross-field rules)."""
+
+    def __init__(self, problems: list[str]):
+        head = problems[0] if len(problems) == 1 else f"{len(problems)} problems in the config"
+        super().__init__(head, problems)
+
+
+class NotBuiltYet(StropError):
+    """A verb or feature that strop will have but does not have yet."""
