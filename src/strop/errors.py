@@ -15,7 +15,8 @@ class StropError(Exception):
 
     def __init__(self, message: str, problems: list[str] | None = None):
         super().__init__(message)
-        self.problems = problems or [message]
+        # One problem, one line: values quoted from the user's file may hold line breaks.
+        self.problems = [" ".join(p.splitlines()) for p in (problems or [message])]
 
     def __str__(self) -> str:  # one line per problem
         return "\n".join(self.problems)

@@ -220,8 +220,8 @@ def _screen_datasets(screen: _Screen, data: dict[str, Any]) -> None:
         cleaned = []
         for i, entry in enumerate(entries):
             if isinstance(entry, str):  # `- path/to/data.jsonl` is a common shorthand slip
-                screen.problem((list_key, i), f"{list_key}[{i}] is a bare string; write it as "
-                               f"- path: {entry}\n    type: <format>")
+                screen.problem((list_key, i), f"{list_key}[{i}] is a bare string; write the "
+                               f"entry as a mapping: - {{path: {entry or '...'}, type: <format>}}")
                 continue
             if not isinstance(entry, dict):
                 cleaned.append(entry)  # the schema reports the wrong type
