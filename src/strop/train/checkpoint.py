@@ -1,0 +1,169 @@
+"""Checkpoints that resume exactly, written so that a crash never leaves a broken one.
+
+A checkpoint is `output_dir/checkpoint-<step>/`: the model (only the adapter under LoRA) as
+safetensors, optimizer.pt, scheduler.pt, rng.pt (python, numpy, torch and CUDA generators),
+trainer_state.json (step, epoch, position in the epoch, best eval loss, counters) and the
+resolved config. It is written to `.tmp-checkpoint-<step>` and renamed: the rename is atomic, so
+`checkpoint-*` directories are always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from strop.errors import StropError
+
+STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "strop-config.yml"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch the next step belongs to
+    window_in_epoch: int = 0  # optimizer steps of that epoch already done
+    tokens: int = 0  # tokens seen (padding excluded)
+    trained_tokens: int = 0  # tokens whose loss was trained
+    skipped_steps: int = 0  # non-finite losses or gradients, skipped
+    bad_in_a_row: int = 0
+    watchdog_in_a_row: int = 0
+    best_eval_loss: float | None = None
+    best_checkpoint: str | None = None
+    evals_without_improvement: int = 0
+    train_seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)  # eval results
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_file(cls, path: Path) -> TrainerState:
+        return cls(**json.loads(path.read_text()))
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in output_dir, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir()
+             if p.is_dir() and (m := _CKPT.match(p.name)) and (p / STATE_FILE).exists()]
+    return [p for _, p in sorted(found)]
+
+
+def remove_partial(output_dir: Path) -> None:
+    """Delete checkpoint directories an interrupted save left half-written."""
+    if output_dir.is_dir():
+        for p in output_dir.glob(".tmp-checkpoint-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_model_files(model: nn.Module, tokenizer: Any, directory: Path, config_text: str) -> None:
+    """The model as Hugging Face / PEFT files, the tokenizer and the resolved config."""
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    (directory / CONFIG_FILE).write_text(config_text)
+
+
+def save_checkpoint(output_dir: Path, model: nn.Module, tokenizer: Any, optimizer, scheduler,
+                    state: TrainerState, config_text: str, scaler=None) -> Path:
+    final = output_dir / f"checkpoint-{state.step}"
+    tmp = output_dir / f".tmp-checkpoint-{state.step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model_files(model, tokenizer, tmp, config_text)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    if scaler is not None:
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
+    (tmp / STATE_FILE).write_text(state.to_json())  # last: its presence marks completeness
+    if final.exists():  # re-saving the same step (e.g. a stop right after a periodic save)
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def load_weights(model: nn.Module, directory: Path, adapter: bool) -> None:
+    """Put a checkpoint's weights into the model built by setup (same architecture)."""
+    from safetensors.torch import load_file
+
+    if adapter:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"))
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise StropError(f"{directory}: adapter does not fit this model (unexpected keys, e.g. "
+                             f"{unexpected[0]}); resume with the config that wrote it")
+        return
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(file))
+    if not state:
+        raise StropError(f"{directory}: no model weights (*.safetensors) in this checkpoint")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    really_missing = [k for k in missing if k not in tied and not _is_tied_copy(model, k, state)]
+    if really_missing or unexpected:
+        key = (really_missing or unexpected)[0]
+        raise StropError(f"{directory}: weights do not fit this model ({key}); resume with the "
+                         "config that wrote the checkpoint")
+
+
+def _is_tied_copy(model: nn.Module, key: str, state: dict[str, torch.Tensor]) -> bool:
+    # A tied output head is saved once, under the embedding's name.
+    params = dict(model.named_parameters(remove_duplicate=False))
+    target = params.get(key)
+    return target is not None and any(p is target for k, p in params.items() if k in state)
+
+
+def load_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, adapter: bool,
+                    scaler=None) -> TrainerState:
+    load_weights(model, directory, adapter)
+    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
+    if scaler is not None and (directory / "scaler.pt").exists():
+        scaler.load_state_dict(torch.load(directory / "scaler.pt"))
+    set_rng_state(torch.load(directory / "rng.pt", weights_only=False))
+    return TrainerState.from_file(directory / STATE_FILE)
+
+
+def prune(output_dir: Path, limit: int | None, keep: set[str]) -> list[Path]:
+    """Remove the oldest checkpoints beyond `limit`, never the latest nor those in `keep`."""
+    found = checkpoints(output_dir)
+    if not limit or len(found) <= limit:
+        return []
+    protected = {found[-1].name} | keep
+    removable = [p for p in found if p.name not in protected]
+    excess = len(found) - limit
+    removed = removable[:max(excess, 0)]
+    for p in removed:
+        shutil.rmtree(p)
+    return removed

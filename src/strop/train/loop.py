@@ -1,0 +1,458 @@
+"""The one training recipe: setup -> loop -> save, for pretraining, full fine-tuning, LoRA and QLoRA.
+
+Modes differ only in what `setup` builds (a fresh or pretrained model, an adapter or not, a
+4-bit base or not); the loop below is the same for all of them:
+
+    micro-batches -> loss -> backward -> accumulate -> clip -> step -> schedule -> log
+                  -> evaluate -> save
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from strop.config.load import LoadedConfig
+from strop.config.schema import StropConfig
+from strop.errors import StropError
+from strop.train import checkpoint as ckpt
+from strop.train.forward import LossModel, unwrap
+from strop.train.log import MetricsLog, peak_memory_bytes
+from strop.train.loss import count_trained_tokens
+from strop.train.optim import build_optimizer
+from strop.train.precision import Precision, resolve_precision
+from strop.train.schedule import Schedule, warmup_steps_for
+from strop.train.signals import GracefulStop
+
+
+@dataclass
+class Run:
+    """Everything setup builds; the loop only reads it (and updates `state`)."""
+
+    cfg: StropConfig
+    config_text: str  # the resolved config, saved beside every checkpoint
+    out: Path
+    precision: Precision
+    tokenizer: Any
+    loss_model: LossModel
+    data: Any  # strop.data.PreparedData
+    train_plan: Any  # strop.data.batches.BatchPlan
+    eval_plan: Any | None
+    collate: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    steps_per_epoch: int
+    total_steps: int
+    eval_every: int | None
+    save_every: int | None
+    log_every: int
+    flops_per_token: float
+    peak_flops: float | None
+    state: ckpt.TrainerState
+    resumed_from: Path | None
+    trainable_params: int
+    total_params: int
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loss_model.model
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+
+def _prepare_output_dir(cfg: StropConfig, out: Path, overwrite: bool) -> Path | None:
+    """Protect finished and unfinished runs; return the checkpoint to resume from, if any."""
+    ckpt.remove_partial(out)
+    found = ckpt.checkpoints(out)
+    resume = cfg.resume_from_checkpoint
+    if resume:
+        if resume == "latest":
+            if not found:
+                raise StropError(f"resume_from_checkpoint: latest, but {out} holds no checkpoint; "
+                                 "remove it to start a new run")
+            return found[-1]
+        path = Path(resume)
+        if not (path / ckpt.STATE_FILE).exists():
+            raise StropError(f"resume_from_checkpoint: {resume} is not a strop checkpoint "
+                             f"(no {ckpt.STATE_FILE}); give a checkpoint-N directory or 'latest'")
+        return path
+    if cfg.auto_resume_from_checkpoints and found and not overwrite:
+        return found[-1]
+    finished = (out / "summary.json").exists()
+    if (finished or found) and not overwrite:
+        what = "a finished run" if finished else f"an unfinished run ({found[-1].name})"
+        fix = "" if finished else "continue it with --resume_from_checkpoint latest, or "
+        raise StropError(f"output_dir {out} holds {what}; {fix}pass --overwrite to replace it, "
+                         "or choose another output_dir")
+    if overwrite and out.exists():
+        for path in [*found, out / "summary.json", out / "metrics.jsonl", out / "runs"]:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    return None
+
+
+def _every(steps_per_epoch: int, steps: int | None, per_epoch: int | None) -> int | None:
+    if steps:
+        return steps
+    if per_epoch:
+        return max(steps_per_epoch // per_epoch, 1)
+    return None
+
+
+def setup(loaded: LoadedConfig, overwrite: bool = False) -> Run:
+    from transformers import set_seed
+
+    from strop.config.show import render_resolved
+    from strop.data import prepare_data
+    from strop.data.batches import BatchPlan, collate_fn
+    from strop.model.load import load_model
+    from strop.model.tokenizer import load_tokenizer
+    from strop.plan.math import training_flops_per_token
+
+    cfg = loaded.cfg
+    out = Path(cfg.output_dir)
+    resume_dir = _prepare_output_dir(cfg, out, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.seed)
+    precision = resolve_precision(cfg)
+
+    # A tokenizer trained for a from-scratch run is part of the run: reuse the saved one.
+    tokenizer = load_tokenizer(cfg, saved=resume_dir)
+    data = prepare_data(cfg, tokenizer)
+    weights_dtype = precision.frozen_weights if cfg.uses_lora else torch.float32
+    model = load_model(cfg, tokenizer, precision.device, weights_dtype)
+    if cfg.uses_lora:
+        from strop.adapters.lora import apply_lora
+
+        model, report = apply_lora(model, cfg)
+        print(report.render(), flush=True)
+    if cfg.gradient_checkpointing:
+        unwrap(model).gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": cfg.checkpointing_reentrant})
+        if cfg.uses_lora:  # frozen embeddings give no grad to checkpoint through otherwise
+            unwrap(model).enable_input_require_grads()
+    loss_model = LossModel.of(model, cfg.objective)
+    if cfg.compile_model:
+        loss_model = _compiled(loss_model)
+
+    train_plan = BatchPlan(data.train, cfg.micro_batch_size, seed=cfg.seed, shuffle=True,
+                           group_by_length=cfg.group_by_length)
+    eval_plan = BatchPlan(data.eval, cfg.effective_eval_batch_size, seed=cfg.seed, shuffle=False) \
+        if data.eval is not None and len(data.eval) else None
+    accum = cfg.gradient_accumulation_steps
+    steps_per_epoch = max(math.ceil(len(train_plan) / accum), 1)
+    total_steps = cfg.max_steps or max(math.ceil(cfg.num_epochs * steps_per_epoch), 1)
+
+    optimizer = build_optimizer(model, cfg, precision.device)
+    schedule = Schedule(cfg.lr_scheduler, total_steps,
+                        warmup_steps_for(total_steps, cfg.warmup_steps, cfg.warmup_ratio),
+                        min_lr_ratio=cfg.cosine_min_lr_ratio or 0.0, div_factor=cfg.lr_div_factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scaler = torch.amp.GradScaler(precision.device) if precision.scaler else None
+
+    state = ckpt.TrainerState()
+    if resume_dir is not None:
+        state = ckpt.load_checkpoint(resume_dir, model, optimizer, scheduler, cfg.uses_lora, scaler)
+        print(f"resuming from {resume_dir} at step {state.step}", flush=True)
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    hf = unwrap(model)
+    flops = training_flops_per_token(hf.config, seq_len=cfg.sequence_len,
+                                     trainable_params=trainable, total_params=total)
+    eval_every = _every(steps_per_epoch, cfg.eval_steps, cfg.evals_per_epoch) \
+        if eval_plan is not None else None
+    return Run(cfg=cfg, config_text=render_resolved(loaded), out=out, precision=precision,
+               tokenizer=tokenizer, loss_model=loss_model, data=data, train_plan=train_plan,
+               eval_plan=eval_plan, collate=collate_fn(cfg, tokenizer),
+               optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+               steps_per_epoch=steps_per_epoch, total_steps=total_steps, eval_every=eval_every,
+               save_every=_every(steps_per_epoch, cfg.save_steps, cfg.saves_per_epoch),
+               log_every=cfg.logging_steps or max(total_steps // 100, 1),
+               flops_per_token=flops, peak_flops=_peak_flops(precision), state=state,
+               resumed_from=resume_dir, trainable_params=trainable, total_params=total)
+
+
+def _compiled(loss_model: LossModel) -> LossModel:
+    from strop.train.compile_cache import enable_persistent_cache
+
+    enable_persistent_cache()  # before the first compile reads the cache location
+    if loss_model.decoder is not None:
+        loss_model.decoder = torch.compile(loss_model.decoder, dynamic=True)
+    else:
+        loss_model.model = torch.compile(loss_model.model, dynamic=True)
+    return loss_model
+
+
+def _peak_flops(precision: Precision) -> float | None:
+    from strop.plan.hardware import device_peak_flops
+
+    return device_peak_flops(precision.device, precision.name)
+
+
+# ------------------------------------------------------------------------------------------- loop
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def evaluate(run: Run) -> dict[str, float]:
+    """Token-weighted eval loss and perplexity over the whole eval split, dropout off."""
+    model = run.model
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad(), run.precision.autocast():
+        for indices in run.eval_plan.epoch(0):
+            batch = _to_device(run.collate(run.eval_plan.rows(indices)), run.precision.device)
+            loss_sum, n = run.loss_model.loss_sum(batch)
+            total += float(loss_sum)
+            count += n
+    model.train()
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+
+def _train_step(run: Run, windows: list[list[int]]) -> tuple[float, float, int, int]:
+    """One optimizer step over a window of micro-batches.
+
+    Returns (loss, grad norm, trained tokens, tokens); a non-finite loss or gradient leaves the
+    weights untouched and returns it as is, for the caller to count.
+    """
+    device = run.precision.device
+    rows = [run.train_plan.rows(ix) for ix in windows]
+    tokens = sum(len(r["input_ids"]) for group in rows for r in group)  # padding excluded
+    batches = [_to_device(run.collate(group), device) for group in rows]
+    # Normalise by every trained token of the window, not per micro-batch: the same loss and
+    # gradients whatever the micro_batch_size x gradient_accumulation_steps split.
+    n_window = sum(count_trained_tokens(b["labels"], run.loss_model.shift) for b in batches)
+    total = 0.0
+    for batch in batches:
+        with run.precision.autocast():
+            loss_sum, _ = run.loss_model.loss_sum(batch)
+        loss = loss_sum / max(n_window, 1)
+        (run.scaler.scale(loss) if run.scaler else loss).backward()
+        total += float(loss_sum)
+    loss_value = total / max(n_window, 1)
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    if run.scaler:
+        run.scaler.unscale_(run.optimizer)
+    clip = run.cfg.max_grad_norm or float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    if math.isfinite(loss_value) and math.isfinite(grad_norm):
+        if run.scaler:
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            run.optimizer.step()
+    elif run.scaler:
+        run.scaler.update()  # let the scaler back off after an overflow
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return loss_value, grad_norm, n_window, tokens
+
+
+def _windows(run: Run, epoch: int) -> list[list[list[int]]]:
+    """The epoch's micro-batches grouped into optimizer steps (the last may be shorter)."""
+    batches = run.train_plan.epoch(epoch)
+    accum = run.cfg.gradient_accumulation_steps
+    return [batches[i:i + accum] for i in range(0, len(batches), accum)]
+
+
+@dataclass
+class Outcome:
+    reason: str  # "completed", "early_stopping", "signal", "non_finite", "loss_watchdog"
+    message: str = ""
+
+
+def fit(run: Run) -> dict[str, Any]:
+    cfg, state = run.cfg, run.state
+    log = MetricsLog(cfg, run.out, run.total_steps, state.step, resumed=run.resumed_from is not None)
+    log.message(f"training {run.trainable_params:,} of {run.total_params:,} parameters "
+                f"({100 * run.trainable_params / max(run.total_params, 1):.2f}%), "
+                f"{run.total_steps} steps ({run.steps_per_epoch} per epoch), {run.precision.name} "
+                f"on {run.precision.device}")
+    run.model.train()
+    outcome = Outcome("completed")
+    window_loss, window_tokens, window_trained, window_time = 0.0, 0, 0, 0.0
+    try:
+        with GracefulStop() as stop:
+            while state.step < run.total_steps and outcome.reason == "completed":
+                windows = _windows(run, state.epoch)
+                for window in windows[state.window_in_epoch:]:
+                    started = time.perf_counter()
+                    loss, grad_norm, trained, tokens = _train_step(run, window)
+                    elapsed = time.perf_counter() - started
+                    state.step += 1
+                    state.window_in_epoch += 1
+                    state.train_seconds += elapsed
+                    outcome = _check_step(run, loss, grad_norm)
+                    if math.isfinite(loss):
+                        state.tokens += tokens
+                        state.trained_tokens += trained
+                        window_loss += loss * trained
+                        window_trained += trained
+                        window_tokens += tokens
+                        window_time += elapsed
+                    if state.step % run.log_every == 0 or state.step == run.total_steps:
+                        _log_train(run, log, grad_norm, window_loss, window_trained, window_tokens,
+                                   window_time)
+                        window_loss, window_tokens, window_trained, window_time = 0.0, 0, 0, 0.0
+                    else:
+                        log.advance(state.step)
+                    if outcome.reason == "completed" and run.eval_every and \
+                            state.step % run.eval_every == 0 and state.step < run.total_steps:
+                        outcome = _evaluate_and_maybe_stop(run, log)
+                    if stop.requested and outcome.reason == "completed":
+                        outcome = Outcome("signal", f"stopped by {stop.requested}")
+                    if run.save_every and state.step % run.save_every == 0 \
+                            and state.step < run.total_steps and outcome.reason == "completed":
+                        _save_checkpoint(run)
+                    if state.step >= run.total_steps or outcome.reason != "completed":
+                        break
+                else:
+                    state.epoch += 1
+                    state.window_in_epoch = 0
+            if outcome.reason in ("completed", "early_stopping") and run.eval_plan is not None \
+                    and not _evaluated_at(state, state.step):
+                _evaluate_and_maybe_stop(run, log, final=True)
+    finally:
+        log.close()
+    return _finish(run, outcome)
+
+
+def _check_step(run: Run, loss: float, grad_norm: float) -> Outcome:
+    """Count non-finite steps and the loss watchdog; decide whether to stop."""
+    state, cfg = run.state, run.cfg
+    if not math.isfinite(loss) or (not math.isfinite(grad_norm) and run.scaler is None):
+        state.skipped_steps += 1
+        state.bad_in_a_row += 1
+        if state.bad_in_a_row >= cfg.max_bad_steps:
+            return Outcome("non_finite", f"{state.bad_in_a_row} steps in a row had a non-finite "
+                           f"{'loss' if not math.isfinite(loss) else 'gradient'} and were skipped. "
+                           "Likely causes: a learning rate too high (try 10x lower), fp16 overflow "
+                           "(use bf16), or bad data (run strop data check). The last good weights "
+                           "are saved")
+        return Outcome("completed")
+    state.bad_in_a_row = 0
+    threshold = cfg.loss_watchdog_threshold
+    if threshold is not None:
+        state.watchdog_in_a_row = state.watchdog_in_a_row + 1 if loss > threshold else 0
+        if state.watchdog_in_a_row >= cfg.loss_watchdog_patience:
+            return Outcome("loss_watchdog", f"loss stayed above loss_watchdog_threshold "
+                           f"{threshold} for {state.watchdog_in_a_row} steps (last {loss:.3f}); "
+                           "lower the learning rate or check the data")
+    return Outcome("completed")
+
+
+def _log_train(run: Run, log: MetricsLog, grad_norm: float, loss_sum: float, trained: int,
+               tokens: int, seconds: float) -> None:
+    state = run.state
+    loss = loss_sum / trained if trained else float("nan")
+    trained_per_s = trained / seconds if seconds else 0.0
+    record = {"kind": "train", "step": state.step, "epoch": round(state.epoch + state.window_in_epoch
+                                                                  / run.steps_per_epoch, 4),
+              "loss": loss, "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+              "trained_tokens": state.trained_tokens, "tokens": state.tokens,
+              "trained_tokens_per_s": trained_per_s,
+              "tokens_per_s": tokens / seconds if seconds else 0.0,
+              "mfu": _mfu(run, tokens / seconds if seconds else 0.0),
+              "peak_memory_bytes": peak_memory_bytes(run.precision.device),
+              "skipped_steps": state.skipped_steps}
+    log.write(record)
+    log.show(state.step, {"loss": loss, "lr": record["lr"], "tok/s": round(trained_per_s)})
+
+
+def _mfu(run: Run, tokens_per_s: float) -> float | None:
+    if not run.peak_flops:
+        return None
+    return run.flops_per_token * tokens_per_s / run.peak_flops
+
+
+def _evaluated_at(state: ckpt.TrainerState, step: int) -> bool:
+    return any(h.get("step") == step for h in state.history)
+
+
+def _evaluate_and_maybe_stop(run: Run, log: MetricsLog, final: bool = False) -> Outcome:
+    state, cfg = run.state, run.cfg
+    result = evaluate(run)
+    result = {"kind": "eval", "step": state.step, **result}
+    state.history.append(result)
+    log.write(result)
+    log.message(f"eval at step {state.step}: loss {result['eval_loss']:.4f}, "
+                f"perplexity {result['eval_ppl']:.2f}")
+    if state.best_eval_loss is None or result["eval_loss"] < state.best_eval_loss:
+        state.best_eval_loss = result["eval_loss"]
+        state.best_checkpoint = f"checkpoint-{state.step}"
+        state.evals_without_improvement = 0
+    else:
+        state.evals_without_improvement += 1
+    patience = cfg.early_stopping_patience
+    if not final and patience and state.evals_without_improvement >= patience:
+        return Outcome("early_stopping", f"eval loss did not improve for {patience} evaluations "
+                       f"(best {state.best_eval_loss:.4f}); stopping early")
+    return Outcome("completed")
+
+
+def _save_checkpoint(run: Run) -> Path:
+    path = ckpt.save_checkpoint(run.out, run.model, run.tokenizer, run.optimizer, run.scheduler,
+                                run.state, run.config_text, run.scaler)
+    keep = {run.state.best_checkpoint} if run.state.best_checkpoint else set()
+    ckpt.prune(run.out, run.cfg.save_total_limit, keep)
+    return path
+
+
+def _finish(run: Run, outcome: Outcome) -> dict[str, Any]:
+    """Save what the run produced and say how it ended."""
+    import json
+
+    state = run.state
+    interrupted = outcome.reason == "signal"
+    last = _save_checkpoint(run) if interrupted or outcome.reason == "non_finite" else None
+    if not interrupted:
+        ckpt.save_model_files(run.model, run.tokenizer, run.out, run.config_text)
+        unwrap(run.model).generation_config.save_pretrained(run.out) \
+            if not run.cfg.uses_lora and getattr(unwrap(run.model), "generation_config", None) \
+            else None
+    seconds = state.train_seconds
+    summary = {
+        "outcome": outcome.reason, "message": outcome.message, "steps": state.step,
+        "total_steps": run.total_steps, "epochs": state.epoch + state.window_in_epoch
+        / run.steps_per_epoch, "tokens": state.tokens, "trained_tokens": state.trained_tokens,
+        "train_seconds": seconds, "trained_tokens_per_s": state.trained_tokens / seconds
+        if seconds else 0.0, "tokens_per_s": state.tokens / seconds if seconds else 0.0,
+        "mfu": _mfu(run, state.tokens / seconds if seconds else 0.0),
+        "skipped_steps": state.skipped_steps, "best_eval_loss": state.best_eval_loss,
+        "final_eval": state.history[-1] if state.history else None,
+        "peak_memory_bytes": peak_memory_bytes(run.precision.device),
+        "trainable_params": run.trainable_params, "total_params": run.total_params,
+        "precision": run.precision.name, "device": run.precision.device,
+        "data": run.data.stats.as_dict() if hasattr(run.data.stats, "as_dict") else None,
+    }
+    if interrupted:
+        summary["resume"] = f"strop train <config> --resume_from_checkpoint {last}"
+        print(f"{outcome.message}: saved {last}. Resume with: strop train <your config> "
+              f"--resume_from_checkpoint {last}", flush=True)
+        (run.out / "interrupted.json").write_text(json.dumps(summary, indent=2))
+        return summary
+    (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if outcome.message:
+        print(outcome.message, flush=True)
+    print(f"saved the {'adapter' if run.cfg.uses_lora else 'model'} to {run.out}", flush=True)
+    return summary
+
+
+def train(loaded: LoadedConfig, overwrite: bool = False) -> dict[str, Any]:
+    """Run the config's training: setup, loop, save. Returns the run's summary."""
+    return fit(setup(loaded, overwrite))

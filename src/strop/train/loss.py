@@ -1,0 +1,169 @@
+"""The training loss, in one place.
+
+Causal LM: the loss is computed only where a label is trained. The decoder's hidden states of
+those positions are gathered *before* the output head, and the head + cross-entropy run in
+chunks inside one autograd function that produces its gradients in the forward pass, so the
+(tokens x vocab) logits tensor never exists in full, not even for backward.
+
+Normalisation: every function here returns a *sum* of per-token losses and the token count.
+The loop divides by the trained tokens of the whole accumulation window, so the loss and the
+gradients are the same whatever the split between micro_batch_size and
+gradient_accumulation_steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def trained_positions(labels: torch.Tensor, shift: bool = True) -> torch.Tensor:
+    """Boolean mask (B, T) of positions whose prediction is trained.
+
+    With `shift`, position t predicts token t+1 (causal LM), so the mask is over the inputs:
+    mask[:, t] = labels[:, t + 1] != -100, and the last position predicts nothing.
+    """
+    if not shift:
+        return labels != IGNORE
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE
+    return mask
+
+
+def count_trained_tokens(labels: torch.Tensor, shift: bool = True) -> int:
+    return int(trained_positions(labels, shift).sum())
+
+
+def _targets(labels: torch.Tensor, mask: torch.Tensor, shift: bool) -> torch.Tensor:
+    if not shift:
+        return labels[mask]
+    shifted = torch.full_like(labels, IGNORE)
+    shifted[:, :-1] = labels[:, 1:]
+    return shifted[mask]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum(CE(h @ W.T + b, y)) over rows, in chunks; gradients computed in the forward pass.
+
+    Saved for backward: grad_h (N, H) and grad_W (V, H) (only when W trains) instead of the
+    (N, V) logits. Valid because the loss is a scalar the loop only scales.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows: int, dtype: torch.dtype):
+        # hidden: (N, H), weight: (V, H), bias: (V,) or None, targets: (N,)
+        n = hidden.shape[0]
+        w = weight.to(dtype)
+        grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if weight.requires_grad else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
+            if bias is not None and bias.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk_rows):
+            h = hidden[start:start + chunk_rows].to(dtype)  # (C, H)
+            y = targets[start:start + chunk_rows]  # (C,)
+            logits = (h @ w.T).float()  # (C, V) in fp32 for a stable softmax
+            if bias is not None:
+                logits += bias.float()
+            lse = torch.logsumexp(logits, dim=-1)  # (C,)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            grad_logits = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place
+            grad_logits[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+            g = grad_logits.to(dtype)
+            grad_h[start:start + chunk_rows] = g @ w
+            if grad_w is not None:
+                grad_w += (g.T @ h).float()
+            if grad_b is not None:
+                grad_b += grad_logits.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.input_dtype = hidden.dtype
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        gh = (grad_h * grad_out).to(ctx.input_dtype)
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        gb = (grad_b * grad_out).to(ctx.weight_dtype) if grad_b is not None else None
+        return gh, gw, gb, None, None, None
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """How to turn hidden states into logits: a plain linear layer (fast path), or any module."""
+
+    module: nn.Module
+    softcap: float | None = None  # Gemma 2's final_logit_softcapping
+    scale: float | None = None  # Cohere's logit_scale
+
+    def linear(self) -> nn.Linear | None:
+        """The plain nn.Linear behind the head, when the fused path can use it."""
+        if self.softcap or self.scale:
+            return None
+        module = self.module
+        # PEFT's modules_to_save wraps the head; the active copy is a plain Linear.
+        saved = getattr(module, "modules_to_save", None)
+        if saved is not None and getattr(module, "active_adapter", None) in saved:
+            module = saved[module.active_adapter]
+        if type(module) is nn.Linear:
+            return module
+        return None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.module(hidden)
+        out = out.to(torch.promote_types(out.dtype, torch.float32))
+        if self.scale:
+            out = out * self.scale
+        if self.softcap:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+
+def lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: OutputHead, *, shift: bool = True,
+                chunk_rows: int = 1024) -> tuple[torch.Tensor, int]:
+    """Sum of cross-entropy over trained positions, and how many there are.
+
+    hidden: (B, T, H) final hidden states; labels: (B, T) with -100 where not trained.
+    """
+    mask = trained_positions(labels, shift)  # (B, T)
+    n = int(mask.sum())
+    if n == 0:  # keep the graph connected so backward still runs (and frees) as usual
+        return hidden.sum() * 0.0, 0
+    selected = hidden[mask]  # (N, H)
+    targets = _targets(labels, mask, shift)  # (N,)
+    linear = head.linear()
+    if linear is not None:
+        dtype = selected.dtype if selected.dtype != torch.float32 else linear.weight.dtype
+        if torch.is_autocast_enabled(selected.device.type):
+            dtype = torch.get_autocast_dtype(selected.device.type)
+        with torch.autocast(selected.device.type, enabled=False):
+            total = _LinearCrossEntropy.apply(selected, linear.weight, linear.bias, targets,
+                                              chunk_rows, dtype)
+        return total, n
+    # Any other head: chunked, each chunk recomputed in backward so logits are never all kept.
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, chunk_rows):
+        total = total + torch.utils.checkpoint.checkpoint(
+            _chunk_loss, selected[start:start + chunk_rows], targets[start:start + chunk_rows],
+            head, use_reentrant=False)
+    return total, n
+
+
+def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: OutputHead) -> torch.Tensor:
+    return F.cross_entropy(head.logits(hidden), targets, reduction="sum")
+
+
+def reference_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> torch.Tensor:
+    """Plain full-logits cross-entropy sum: the definition the fast paths are tested against."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
