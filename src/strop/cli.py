@@ -65,7 +65,16 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in output_dir"),
 ):
     """Train: pretraining, full fine-tuning, LoRA or QLoRA, as the config says."""
-    _not_built("train", "the training issue")
+    from strop.config import load_config
+    from strop.train.loop import train as run_training
+
+    summary = run_training(load_config(config, ctx.args), overwrite=overwrite)
+    # Exit status tells scripts how the run ended: 0 finished (or stopped early on purpose),
+    # 1 stopped by a guard (non-finite loss, loss watchdog), 130/143 interrupted by a signal.
+    codes = {"completed": 0, "early_stopping": 0, "non_finite": 1, "loss_watchdog": 1}
+    code = codes.get(summary["outcome"], 143 if "SIGTERM" in summary["message"] else 130)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command(context_settings=OVERRIDES)

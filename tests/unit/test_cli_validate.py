@@ -42,6 +42,15 @@ def test_validate_prints_every_key_with_its_source(cli, write_yaml):
     assert reloaded["lora_r"] == 32 and reloaded["learning_rate"] == 2e-4
 
 
+def test_the_printed_config_loads_back_to_the_same_config(cli, write_yaml):
+    from strop.config import load_config
+
+    for text in (GOOD, GOOD.replace("adapter: lora\nlora_target_linear: true\n", "")):
+        original = load_config(write_yaml(text)).cfg
+        printed = cli("validate", write_yaml(text)).out
+        assert load_config(write_yaml(printed, "resolved.yml")).cfg == original
+
+
 def test_validate_lists_every_problem_and_exits_2(cli, write_yaml):
     result = cli("validate", write_yaml(GOOD + "lora_alpah: 3\nmicro_batch_size: 0\n"))
     assert result.code == 2

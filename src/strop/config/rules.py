@@ -34,8 +34,12 @@ LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lor
 
 
 def _set(cfg: StropConfig, key: str) -> bool:
-    """The key was written (in the file or an override) with a value that asks for something."""
-    return key in cfg.model_fields_set and getattr(cfg, key) not in (None, False, [], {})
+    """The key was written (in the file or an override) with a value that asks for something:
+    not empty, and not its default (a resolved config, which spells out every default, must
+    load back unchanged)."""
+    value = getattr(cfg, key)
+    default = type(cfg).model_fields[key].default
+    return key in cfg.model_fields_set and value not in (None, False, [], {}) and value != default
 
 
 def _model(cfg: StropConfig) -> list[Violation]:

@@ -1,0 +1,193 @@
+"""Training speed and memory: strop beside TRL's SFTTrainer + PEFT, on the same model and data.
+
+Same tiny Llama (~34M: hidden 512, 8 layers, 8 heads, 4 kv heads, intermediate 1408, vocab
+8192, built from a config with a tokenizer trained locally), same skewed-length alpaca-style
+rows, same hyperparameters (LoRA r16 on all linear layers, sequence_len 1024, micro-batch 4,
+gradient accumulation 2, one epoch, cosine schedule). Each contender runs in its own process
+so peak RSS is its own. Trained tokens/s = response tokens of the epoch / training seconds.
+Eval loss is computed by one evaluator for all (token-weighted cross-entropy of the saved
+adapter on the same held-out rows), so it does not depend on how each tool averages.
+
+    .venv/bin/python benchmarks/train_speed.py            # all contenders, then the table
+    .venv/bin/python benchmarks/train_speed.py --rows 96  # a quicker run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import build_model_dir, instruction_rows, peak_rss_bytes, write_jsonl  # noqa: E402
+
+LR = 2e-4
+SEQ = 1024
+MICRO, ACCUM = 4, 2
+LORA = dict(r=16, alpha=32)
+
+
+def prepare(work: Path, rows: int) -> dict:
+    model_dir = build_model_dir(work / "model")
+    train = write_jsonl(instruction_rows(rows, seed=0), work / "train.jsonl")
+    evals = write_jsonl(instruction_rows(48, seed=1), work / "eval.jsonl")
+    return {"model": str(model_dir), "train": str(train), "eval": str(evals)}
+
+
+def alpaca_pairs(path: str, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids) exactly as strop's alpaca format builds them."""
+    from strop.data.formats import alpaca_prompt  # the one definition of the alpaca prompt
+
+    pairs = []
+    for line in Path(path).read_text().splitlines():
+        row = json.loads(line)
+        prompt = alpaca_prompt(row["instruction"], row.get("input", ""))
+        p = tokenizer(prompt)["input_ids"]
+        r = tokenizer(row["output"], add_special_tokens=False)["input_ids"] + \
+            [tokenizer.eos_token_id]
+        pairs.append((p, r))
+    return pairs
+
+
+def run_strop(paths: dict, out: Path, bf16: bool) -> dict:
+    from strop.config import load_dict
+    from strop.train.loop import train
+
+    cfg = load_dict({
+        "base_model": paths["model"], "datasets": [{"path": paths["train"], "type": "alpaca"}],
+        "test_datasets": [{"path": paths["eval"], "type": "alpaca"}],
+        "adapter": "lora", "lora_r": LORA["r"], "lora_alpha": LORA["alpha"],
+        "lora_target_linear": True, "sequence_len": SEQ, "sample_packing": True,
+        "micro_batch_size": MICRO, "gradient_accumulation_steps": ACCUM, "num_epochs": 1,
+        "learning_rate": LR, "lr_scheduler": "cosine", "optimizer": "adamw_torch_fused",
+        "bf16": "auto" if bf16 else False, "output_dir": str(out), "logging_steps": 1,
+        "shuffle_merged_datasets": False, "seed": 0,
+    })
+    summary = train(cfg, overwrite=True)
+    return {"train_seconds": summary["train_seconds"], "adapter": str(out)}
+
+
+def run_trl(paths: dict, out: Path, best: bool) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(paths["model"])
+    pairs = alpaca_pairs(paths["train"], tok)
+    # Pre-tokenized prompt/completion rows: TRL then trains on the completion only, on exactly
+    # the tokens strop trains on.
+    data = Dataset.from_list([{"prompt_ids": p, "completion_ids": r,
+                               "input_ids": (p + r)[:SEQ],
+                               "completion_mask": ([0] * len(p) + [1] * len(r))[:SEQ]}
+                              for p, r in pairs])
+    model = AutoModelForCausalLM.from_pretrained(paths["model"])
+    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=MICRO,
+                     gradient_accumulation_steps=ACCUM, num_train_epochs=1, learning_rate=LR,
+                     lr_scheduler_type="cosine", max_length=SEQ, use_cpu=True,
+                     bf16=best, report_to="none", save_strategy="no", logging_steps=1,
+                     completion_only_loss=True, seed=0, dataset_kwargs={"skip_prepare_dataset":
+                                                                        True},
+                     **({"train_sampling_strategy": "group_by_length"} if best else {}))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                         peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"],
+                                                lora_dropout=0.0, target_modules="all-linear",
+                                                task_type="CAUSAL_LM"))
+    metrics = trainer.train().metrics
+    trainer.model.save_pretrained(out)
+    return {"train_seconds": metrics["train_runtime"], "adapter": str(out)}
+
+
+def eval_loss(paths: dict, adapter: str) -> float:
+    """Token-weighted eval loss of base + adapter on the held-out rows, full fp32 logits."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(paths["model"])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(paths["model"]), adapter)
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for p, r in alpaca_pairs(paths["eval"], tok):
+            ids = torch.tensor([(p + r)[:SEQ]])
+            labels = torch.tensor([([-100] * len(p) + r)[:SEQ]])
+            logits = model(ids).logits[:, :-1].float()
+            target = labels[:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     target.reshape(-1), ignore_index=-100,
+                                                     reduction="sum")
+            total += float(loss)
+            count += int((target != -100).sum())
+    return total / count
+
+
+def trained_tokens(paths: dict) -> int:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(paths["model"])
+    return sum(max(min(len(p) + len(r), SEQ) - len(p), 0) for p, r in alpaca_pairs(paths["train"], tok))
+
+
+CONTENDERS = {
+    "strop": lambda paths, out: run_strop(paths, out, bf16=True),
+    "trl_default": lambda paths, out: run_trl(paths, out, best=False),
+    "trl_best": lambda paths, out: run_trl(paths, out, best=True),
+}
+
+
+def child(name: str, work: Path) -> None:
+    paths = json.loads((work / "paths.json").read_text())
+    started = time.perf_counter()
+    result = CONTENDERS[name](paths, work / f"out-{name}")
+    result.update(wall_seconds=time.perf_counter() - started, peak_rss=peak_rss_bytes())
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/strop-bench-train"))
+    parser.add_argument("--rows", type=int, default=160)
+    parser.add_argument("--only", nargs="*", default=list(CONTENDERS))
+    parser.add_argument("--child", choices=list(CONTENDERS))
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.work)
+    args.work.mkdir(parents=True, exist_ok=True)
+    paths = prepare(args.work, args.rows)
+    (args.work / "paths.json").write_text(json.dumps(paths))
+    n_trained = trained_tokens(paths)
+    results = {}
+    for name in args.only:
+        proc = subprocess.run([sys.executable, __file__, "--child", name, "--work", str(args.work)],
+                              capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{name} failed:\n{proc.stderr[-3000:]}")
+            continue
+        results[name] = json.loads(line[7:])
+        results[name]["eval_loss"] = eval_loss(paths, results[name]["adapter"])
+        results[name]["tokens_per_s"] = n_trained / results[name]["train_seconds"]
+    print(f"\n{args.rows} rows, {n_trained} trained tokens per epoch, LoRA r{LORA['r']} all-linear, "
+          f"seq {SEQ}, micro-batch {MICRO} x accumulation {ACCUM}\n")
+    print(f"{'contender':<14}{'trained tok/s':>14}{'peak RSS MiB':>14}{'eval loss':>11}")
+    for name, r in results.items():
+        print(f"{name:<14}{r['tokens_per_s']:>14.0f}{r['peak_rss'] / 2**20:>14.0f}"
+              f"{r['eval_loss']:>11.4f}")
+    if "strop" in results:
+        s = results["strop"]
+        for ref in ("trl_default", "trl_best"):
+            if ref in results:
+                r = results[ref]
+                print(f"strop / {ref}: speed {s['tokens_per_s'] / r['tokens_per_s']:.2f}x, "
+                      f"peak RSS {s['peak_rss'] / r['peak_rss']:.2f}x, eval loss "
+                      f"{100 * (s['eval_loss'] / r['eval_loss'] - 1):+.2f}%")
+
+
+if __name__ == "__main__":
+    main()
