@@ -152,31 +152,41 @@ def load_pretrained(cfg: StropConfig, device: str, dtype: torch.dtype,
     """base_model's weights, quantized when the config says so, placed on `device`."""
     from strop.model.quantize import bnb_config, keep_4bit_weights_trainable
 
-    source = cfg.base_model
-    assert source is not None
-    _check_local_path(source, "base_model")
-    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=attention,
-                                  trust_remote_code=cfg.trust_remote_code,
-                                  device_map={"": device})
-    if cfg.model_revision:
-        kwargs["revision"] = cfg.model_revision
+    assert cfg.base_model is not None
+    config = None
     if cfg.base_model_config or cfg.model_config_dict:
         from strop.model.meta import resolve_model_config
 
-        kwargs["config"] = resolve_model_config(cfg)
+        config = resolve_model_config(cfg)
     quantization = bnb_config(cfg, device)
-    if quantization is not None:
-        kwargs["quantization_config"] = quantization
-    cls = model_class(cfg)
-    try:
-        model = cls.from_pretrained(source, **kwargs)
-    except OSError as err:
-        raise StropError(f"base_model {source}: cannot load it ({_first_line(err)}); offline, "
-                         "download it first (huggingface-cli download) and point base_model at "
-                         "the local directory") from None
+    model = from_pretrained(model_class(cfg), cfg.base_model, dtype=dtype, device=device,
+                            attention=attention, trust_remote_code=cfg.trust_remote_code,
+                            revision=cfg.model_revision, config=config, quantization=quantization)
     if quantization is not None:
         keep_4bit_weights_trainable(model)
     return model
+
+
+def from_pretrained(cls, source: str, *, dtype: torch.dtype, device: str = "cpu",
+                    attention: str = "sdpa", trust_remote_code: bool = False,
+                    revision: str | None = None, config: PretrainedConfig | None = None,
+                    quantization: Any = None, key: str = "base_model") -> PreTrainedModel:
+    """`cls.from_pretrained(source)`; a source that cannot be read is one line naming it."""
+    _check_local_path(source, key)
+    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=attention,
+                                  trust_remote_code=trust_remote_code, device_map={"": device})
+    if revision:
+        kwargs["revision"] = revision
+    if config is not None:
+        kwargs["config"] = config
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise StropError(f"{key} {source}: cannot load it ({_first_line(err)}); offline, download "
+                         "it first (huggingface-cli download) and point to the local "
+                         "directory") from None
 
 
 def _check_local_path(source: str, key: str) -> None:
