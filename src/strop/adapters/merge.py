@@ -68,15 +68,16 @@ def find_source(source: Path, base: str | None = None) -> MergeSource:
     if not source.is_dir():
         raise StropError(f"{source} is a file; give a run directory (output_dir) or a PEFT adapter "
                          "directory")
-    cfg = _run_config(source) if (source / CONFIG_FILE).is_file() else None
+    has_config = (source / CONFIG_FILE).is_file()
     if not (source / "adapter_config.json").is_file():
-        if cfg is not None and not cfg.uses_lora:
+        if has_config and _raw_adapter_key(source / CONFIG_FILE) is None:
             raise StropError(f"{source} is a full fine-tuning run: it is already a complete model "
                              "and has no adapter to merge")
         checkpoints = sorted(source.glob("checkpoint-*/adapter_config.json"))
         hint = f"; merge a checkpoint instead: strop merge {checkpoints[-1].parent}" \
             if checkpoints else ""
         raise StropError(f"{source}: no adapter_config.json (the run did not finish?){hint}")
+    cfg = _run_config(source) if has_config else None
     adapter_config = read_adapter_config(source)
     base_model = base or (cfg.base_model if cfg else None) \
         or adapter_config.get("base_model_name_or_path")
@@ -90,6 +91,16 @@ def find_source(source: Path, base: str | None = None) -> MergeSource:
     return MergeSource(adapter_dir=source, base_model=str(base_model), cfg=cfg,
                        tokenizer_dir=str(source) if has_tokenizer else str(base_model),
                        quantized_training=quantized)
+
+
+def _raw_adapter_key(path: Path) -> Any:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return None
+    return data.get("adapter") if isinstance(data, dict) else None
 
 
 def _run_config(source: Path) -> StropConfig:
