@@ -277,7 +277,12 @@ def render(result: Inspection, width: int | None = None) -> str:
     from rich.table import Table
 
     buffer = io.StringIO()
-    width = width or max(shutil.get_terminal_size((120, 24)).columns, 100)
+    # Keys are never wrapped (people copy them into lora_target_modules): the console is as wide
+    # as the longest key needs, even past the terminal's width.
+    longest = max((len(g.name) for g in result.tensors), default=0)
+    longest_tied = max((len(g.tied_to or "") for g in result.tensors), default=0)
+    width = width or max(shutil.get_terminal_size((120, 24)).columns, 100,
+                         longest + longest_tied + 70)
     console = Console(file=buffer, width=width, color_system=None, highlight=False, markup=False,
                       emoji=False)
     console.print(f"{result.architecture} ({result.model_type}) from {result.source}")
@@ -302,9 +307,10 @@ def render(result: Inspection, width: int | None = None) -> str:
     title = "state_dict keys" + (" ({a-b}: the same key in each of those layers)" if collapsed
                                  else "")
     tensors = Table(title=title, title_justify="left")
-    for column in ("key", "module type", "shape", "count") + (("same tensor as",) if any_tied
-                                                              else ()):
-        tensors.add_column(column, justify="right" if column == "count" else "left")
+    tensors.add_column("key", no_wrap=True, min_width=longest)
+    for column in ("module type", "shape", "count") + (("same tensor as",) if any_tied else ()):
+        tensors.add_column(column, justify="right" if column == "count" else "left",
+                           no_wrap=column == "same tensor as")
     for group in result.tensors:
         shape = " x ".join(map(str, group.shape)) if group.shape else "varies"
         row = [group.name, group.module_type, shape, str(group.count)]
