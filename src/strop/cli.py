@@ -90,9 +90,21 @@ def plan(ctx: typer.Context, config: Path = typer.Argument(..., help="YAML confi
 
 
 @app.command()
-def inspect(target: str = typer.Argument(..., help="Model directory, config.json or YAML config")):
-    """List a model's modules and state_dict keys and suggest LoRA targets."""
-    _not_built("inspect", "the adapters issue")
+def inspect(
+    target: str = typer.Argument(..., help="Model directory, config.json, hub id or YAML config"),
+    as_json: bool = typer.Option(False, "--json", help="Print the inspection as JSON"),
+    every_layer: bool = typer.Option(False, "--all", help="List every layer's keys one by one"),
+):
+    """List a model's modules and state_dict keys and suggest LoRA targets (no weights loaded)."""
+    from strop.model.inspect import inspect_target, render
+
+    result = inspect_target(target, every_layer=every_layer)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(result.as_dict(), indent=2))
+    else:
+        typer.echo(render(result))
 
 
 @data_app.command("check")
@@ -102,9 +114,21 @@ def data_check(target: Path = typer.Argument(..., help="YAML config or data file
 
 
 @app.command()
-def merge(run: Path = typer.Argument(..., help="Run directory or adapter directory")):
+def merge(
+    run: Path = typer.Argument(..., help="Run directory or adapter directory"),
+    out: Path = typer.Option(None, "--out", help="Directory for the merged model (required)"),
+    base: str = typer.Option(None, "--base", help="Base model (default: the run's base_model)"),
+    force: bool = typer.Option(False, "--force", help="Write even if the verification fails"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out"),
+    dtype: str = typer.Option("auto", "--dtype",
+                              help="auto (the base's dtype), float32, bfloat16 or float16"),
+):
     """Merge a LoRA adapter into its base model, verified before writing."""
-    _not_built("merge", "the adapters issue")
+    from strop.adapters.merge import merge_adapter
+
+    result = merge_adapter(run, out, base=base, force=force, overwrite=overwrite, dtype=dtype)
+    for line in result.messages:
+        typer.echo(line)
 
 
 @app.command()

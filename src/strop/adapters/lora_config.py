@@ -7,6 +7,7 @@ train on a meta-device model (no weights) with exactly the targets training woul
 from __future__ import annotations
 
 import re
+import sys
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -24,12 +25,11 @@ def _linear_types() -> tuple[type, ...]:
     from transformers.pytorch_utils import Conv1D
 
     types: list[type] = [nn.Linear, Conv1D]
-    try:  # quantized linears count as linear layers for lora_target_linear
-        import bitsandbytes as bnb
-
+    # Quantized linears count as linear layers for lora_target_linear. A model can only hold
+    # them if bitsandbytes was imported to load it, so inspect and plan never pay its import.
+    if "bitsandbytes" in sys.modules:
+        bnb = sys.modules["bitsandbytes"]
         types += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
-    except ImportError:  # pragma: no cover - bitsandbytes is a dependency, but keep inspect usable
-        pass
     return tuple(types)
 
 
