@@ -184,10 +184,14 @@ def _bad_rows_error(bad: list[BadRow]) -> StropError:
 
 def reason_of(bad: BadRow) -> str:
     """A short category for counting skipped rows: 'output: missing field'."""
-    problem = bad.problem.split(" (")[0].split(";")[0]
-    if problem.startswith(("expected", "unknown role")):
-        problem = " ".join(problem.split()[:2])
-    field_name = (bad.field or "").split("[")[0].split(".")[-1] if bad.field else ""
+    problem = bad.problem
+    if "limit for one row" in problem:
+        problem = "row over the size limit"
+    for cut in (" (", ";", ","):
+        problem = problem.split(cut)[0]
+    if problem.startswith("unknown role"):
+        problem = "unknown role"
+    field_name = bad.field.split("[")[0].split(".")[-1] if bad.field else ""
     return f"{field_name + ': ' if field_name else ''}{problem}"
 
 

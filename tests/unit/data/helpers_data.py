@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from strop.config import load_dict
 
@@ -50,9 +49,10 @@ def encode_one(tok, cfg, row: dict[str, Any], ds_index: int = 0):
     return Encoder(tok).encode([fmt.render(row)])[0]
 
 
-@pytest.fixture(scope="session")
-def tok():
-    """The tiny byte-level BPE tokenizer (BOS <s> prepended, EOS </s>, ChatML markers)."""
+@functools.cache
+def bpe():
+    """The tiny byte-level BPE tokenizer (BOS <s> prepended, EOS </s>, ChatML markers), built
+    once per session; tests that change a tokenizer deep-copy it first."""
     from conftest import make_tokenizer
 
     return make_tokenizer("bpe")

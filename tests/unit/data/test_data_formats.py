@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers_data import IGNORE, config, encode_one, runs, tok  # noqa: F401
+from helpers_data import IGNORE, bpe, config, encode_one, runs
 
 from strop.data.encode import Encoder
 from strop.data.formats import ALPACA_INPUT, ALPACA_NO_INPUT, RowProblem, make_format
@@ -15,6 +15,11 @@ CONVERSATION = [
     {"role": "user", "content": "And Italy?"},
     {"role": "assistant", "content": "Rome."},
 ]
+
+
+@pytest.fixture
+def tok():
+    return bpe()
 
 
 def test_alpaca_with_input_token_by_token(tok):
