@@ -80,6 +80,7 @@ def data_check(target: Path, type_: str | None, tokenizer: str | None, sequence_
     typer.echo(f"histograms saved to {saved}")
     if show:
         console = Console(highlight=False)
+        legend = "trained: bold green" if console.is_terminal else "trained: inside ⟦ ⟧"
         for i in range(min(show, len(checked.rows))):
-            console.rule(f"sample {i + 1} (trained: bold green, masked: dim)")
-            console.print(lint.sample_text(checked.rows, i, tok))
+            console.rule(f"sample {i + 1} ({legend}, masked: dim)")
+            console.print(lint.sample_text(checked.rows, i, tok, plain=not console.is_terminal))

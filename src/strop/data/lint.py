@@ -74,7 +74,7 @@ def check(cfg, tokenizer) -> Checked:
     empty = (content == 0) & ~text_rows
     short = (content > 0) & (content < SHORT_RESPONSE) & ~text_rows
 
-    exact, near = duplicates(rows)
+    exact, near = duplicates([t for p in parts for t in p.texts])
     kept_lengths = np.where(text_rows, lengths, cut)
     figures: dict[str, Any] = {
         "rows": n + len(bad),
@@ -131,27 +131,28 @@ def _packing(lengths: np.ndarray, seq: int) -> float:
 # ------------------------------------------------------------------------------ duplicates
 
 
-def duplicates(rows: TokenRows, num_perm: int = 64, bands: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """(exact, near): row i repeats an earlier row exactly / nearly (MinHash over token 3-grams,
-    estimated Jaccard >= NEAR_DUP_THRESHOLD). A row counts in at most one of the two."""
-    n = len(rows)
+def duplicates(texts: list[str], num_perm: int = 64, bands: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """(exact, near): row i repeats an earlier row's own text (template aside) exactly, or nearly:
+    MinHash over word 3-grams with estimated Jaccard >= NEAR_DUP_THRESHOLD. A row counts in at
+    most one of the two."""
+    n = len(texts)
     exact = np.zeros(n, dtype=bool)
     near = np.zeros(n, dtype=bool)
-    seen: dict[bytes, int] = {}
+    seen: set[str] = set()
+    words: dict[str, int] = {}
     rng = np.random.default_rng(0)
     mult = rng.integers(1, 2**63, num_perm, dtype=np.uint64) | np.uint64(1)
     add = rng.integers(0, 2**63, num_perm, dtype=np.uint64)
     per_band = num_perm // bands
     buckets: list[dict[bytes, list[int]]] = [{} for _ in range(bands)]
     signatures = np.zeros((n, num_perm), dtype=np.uint64)
-    for i in range(n):
-        a, b = int(rows.offsets[i]), int(rows.offsets[i + 1])
-        ids = np.asarray(rows.input_ids[a:b], dtype=np.uint64)
-        key = ids.tobytes()
+    for i, text in enumerate(texts):
+        key = " ".join(text.split())
         if key in seen:
             exact[i] = True
             continue
-        seen[key] = i
+        seen.add(key)
+        ids = np.array([words.setdefault(w, len(words)) for w in key.lower().split()], dtype=np.uint64)
         if len(ids) < 3:
             continue
         with np.errstate(over="ignore"):
@@ -165,7 +166,7 @@ def duplicates(rows: TokenRows, num_perm: int = 64, bands: int = 16) -> tuple[np
             holders = buckets[band].setdefault(chunk, [])
             candidates.update(holders)
             holders.append(i)
-        for j in candidates:
+        for j in sorted(candidates):
             if np.mean(signatures[i] == signatures[j]) >= NEAR_DUP_THRESHOLD:
                 near[i] = True
                 break
@@ -191,17 +192,25 @@ def distinct_ratios(rows: TokenRows, special: np.ndarray) -> tuple[float, float]
 # ------------------------------------------------------------------------------- rendering
 
 
+def _edges(values: np.ndarray, bins: int) -> np.ndarray:
+    """Whole-token bin edges over the values' range: at most `bins` bins, each >= 1 token wide."""
+    lo, hi = int(values.min()), int(values.max())
+    width = max(1, -(-(hi - lo + 1) // bins))
+    return lo + width * np.arange(-(-(hi - lo + 1) // width) + 1)
+
+
 def histogram_lines(values: np.ndarray, title: str, bins: int = 10, width: int = 40) -> list[str]:
-    """A text histogram: one line per bin, `lo-hi | ████ count`."""
+    """A text histogram: one line per bin, `lo-hi | ████ count` (hi inclusive)."""
     if not len(values):
         return [f"{title}: no rows"]
-    counts, edges = np.histogram(values, bins=bins)
+    edges = _edges(values, bins)
+    counts, _ = np.histogram(values, bins=edges)
     top = max(int(counts.max()), 1)
-    label_width = len(f"{int(edges[-1])}") * 2 + 1
+    labels = [f"{a}" if b - a == 1 else f"{a}-{b - 1}" for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    pad = max(map(len, labels))
     lines = [f"{title} (tokens per row)"]
-    for count, lo, hi in zip(counts, edges[:-1], edges[1:], strict=True):
-        label = f"{int(lo)}-{int(hi)}".rjust(label_width)
-        lines.append(f"  {label} | {'█' * round(width * int(count) / top)} {int(count)}")
+    for count, label in zip(counts, labels, strict=True):
+        lines.append(f"  {label.rjust(pad)} | {'█' * round(width * int(count) / top)} {int(count)}")
     return lines
 
 
@@ -210,15 +219,23 @@ def save_png(checked: Checked, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    seq = checked.figures["sequence_len"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, values, title in ((axes[0], checked.prompt_lengths, "prompt (not trained)"),
-                              (axes[1], checked.response_lengths, "response (trained)")):
-        ax.hist(values, bins=30, color="#4C72B0" if "prompt" in title else "#55A868")
+    for ax, values, title, color in ((axes[0], checked.prompt_lengths, "prompt (not trained)", "#4C72B0"),
+                                     (axes[1], checked.response_lengths, "response (trained)", "#55A868")):
+        if len(values):
+            edges = _edges(values, 30)
+            ax.hist(values, bins=edges, color=color)
+            if values.max() >= seq / 2:  # the limit is worth drawing when rows come near it
+                ax.axvline(seq, color="red", linestyle="--", linewidth=1, label=f"sequence_len {seq}")
+                ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{title}: tokens per row")
         ax.set_xlabel("tokens")
         ax.set_ylabel("rows")
-        ax.axvline(checked.figures["sequence_len"], color="red", linestyle="--", linewidth=1)
+    fig.suptitle(f"{len(checked.rows)} rows, sequence_len {seq}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -256,8 +273,9 @@ def report_lines(figures: dict[str, Any]) -> list[str]:
     return lines
 
 
-def sample_text(rows: TokenRows, index: int, tokenizer):
-    """Row `index` as rich Text: trained tokens bold green, masked ones dim."""
+def sample_text(rows: TokenRows, index: int, tokenizer, plain: bool = False):
+    """Row `index` as rich Text: trained tokens bold green, masked ones dim; `plain` (not a
+    terminal) wraps trained runs in ⟦ ⟧ instead, so the split survives without colour."""
     from rich.text import Text
 
     a, b = int(rows.offsets[index]), int(rows.offsets[index + 1])
@@ -267,6 +285,9 @@ def sample_text(rows: TokenRows, index: int, tokenizer):
     for end in range(1, len(ids) + 1):
         if end == len(ids) or (labels[end] != IGNORE) != (labels[start] != IGNORE):
             piece = tokenizer.decode(ids[start:end])
-            out.append(piece, style="bold green" if labels[start] != IGNORE else "dim")
+            trained = labels[start] != IGNORE
+            if plain and trained:
+                piece = f"⟦{piece}⟧"
+            out.append(piece, style="bold green" if trained else "dim")
             start = end
     return out

@@ -74,6 +74,7 @@ class Part:
     wheres: list[str]
     bad: list[BadRow]
     counts: Counter
+    texts: list[str] = field(default_factory=list)  # the rows' own text (keep_all only)
 
 
 # ------------------------------------------------------------------------------ one dataset
@@ -98,18 +99,20 @@ def tokenize_dataset(ds, cfg, tokenizer, encoder: Encoder | None = None,
                      cache_dir: Path | None = None, keep_all: bool = False) -> Part:
     """Read, format and tokenize one `datasets:` entry, applying the length rules.
 
-    keep_all (for `strop data check`) keeps rows that training would drop, untruncated.
+    keep_all (for `strop data check`) keeps rows that training would drop, untruncated, and
+    collects each row's own text (without the template) for duplicate detection.
     """
     fmt = make_format(ds, cfg, tokenizer)
     encoder = encoder or Encoder(tokenizer)
     limit, rule = cfg.sequence_len, cfg.long_rows
     done: list[TokenRows] = []  # one per chunk: flat arrays, 4 bytes a token
     wheres: list[str] = []
+    texts: list[str] = []
     bad: list[BadRow] = []
     counts: Counter = Counter()
 
-    def work(chunk: list) -> tuple[list, list, list]:
-        rendered, places, problems = [], [], []
+    def work(chunk: list) -> tuple[list, list, list, list]:
+        rendered, places, problems, own = [], [], [], []
         for where, row in chunk:
             if isinstance(row, BadRow):
                 problems.append(row)
@@ -117,13 +120,16 @@ def tokenize_dataset(ds, cfg, tokenizer, encoder: Encoder | None = None,
             try:
                 rendered.append(fmt.render(row))
                 places.append(where)
+                if keep_all:
+                    own.append(fmt.corpus_text(row))
             except RowProblem as err:
                 problems.append(BadRow(where, err.field, err.problem))
-        return places, encoder.encode(rendered), problems
+        return places, encoder.encode(rendered), problems, own
 
-    def take(result: tuple[list, list, list]) -> None:
-        places, encoded, problems = result
+    def take(result: tuple[list, list, list, list]) -> None:
+        places, encoded, problems, own = result
         bad.extend(problems)
+        texts.extend(own)
         ids: list[list[int]] = []
         labels: list[list[int]] = []
         for where, enc in zip(places, encoded, strict=True):
@@ -167,7 +173,7 @@ def tokenize_dataset(ds, cfg, tokenizer, encoder: Encoder | None = None,
                     take(pending.pop(0).result())
             for future in pending:
                 take(future.result())
-    return Part(ds.path, TokenRows.concat(done), fmt.blocks, wheres, bad, counts)
+    return Part(ds.path, TokenRows.concat(done), fmt.blocks, wheres, bad, counts, texts)
 
 
 # ---------------------------------------------------------------------------- whole config

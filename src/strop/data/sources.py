@@ -181,7 +181,7 @@ def _read_json(source: Source) -> Iterator[Row]:
             yield where, text
             continue
         try:
-            row = json.loads(text)
+            row = json.loads(text.rstrip("\r\n"))
         except json.JSONDecodeError as err:
             yield where, BadRow(where, None, f"not valid JSON ({err.msg} at column {err.colno})")
             continue
