@@ -159,11 +159,12 @@ class Encoder:
         return out
 
     def _finish(self, row: Rendered, enc: Encoded) -> Encoded:
+        """BOS and EOS as the tokenizer expects them, in place (the lists are this row's own)."""
         ids, labels = enc.input_ids, enc.labels
         n = len(self.prefix)
         if n and ids[:n] != self.prefix:  # BOS as the tokenizer expects it, never doubled
-            ids = self.prefix + ids
-            labels = [IGNORE] * n + labels
+            ids[0:0] = self.prefix
+            labels[0:0] = [IGNORE] * n
         if row.append_eos:
             if self.eos_id is None:
                 raise StropError("the tokenizer has no EOS token to end each response with; set "
@@ -171,13 +172,13 @@ class Encoder:
             if ids and ids[-1] == self.eos_id:
                 labels[-1] = self.eos_id
             else:
-                ids = ids + [self.eos_id]
-                labels = labels + [self.eos_id]
+                ids.append(self.eos_id)
+                labels.append(self.eos_id)
         if labels:
             # The first token is never predicted; in a packed row it would otherwise be
             # "predicted" from the previous document's last token.
             labels[0] = IGNORE
-        return Encoded(ids, labels)
+        return enc
 
 
 def _token_at_or_after(enc, start: int, end: int) -> int | None:
