@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from strop.data.encode import Encoder
 from strop.data.formats import RowProblem, make_format
 from strop.data.packing import blocks, efficiency, pack, split_long
 from strop.data.rows import IGNORE, TokenRows
-from strop.data.sources import BadRow, iter_rows
+from strop.data.sources import MAX_ROW_BYTES, BadRow, iter_rows
 from strop.errors import StropError
 
 CHUNK = 2048          # rows rendered and tokenized together
@@ -96,7 +97,8 @@ def _chunks(rows: Iterator, size: int) -> Iterator[list]:
 
 
 def tokenize_dataset(ds, cfg, tokenizer, encoder: Encoder | None = None,
-                     cache_dir: Path | None = None, keep_all: bool = False) -> Part:
+                     cache_dir: Path | None = None, keep_all: bool = False,
+                     on_rows: Callable[[int], None] | None = None) -> Part:
     """Read, format and tokenize one `datasets:` entry, applying the length rules.
 
     keep_all (for `strop data check`) keeps rows that training would drop, untruncated, and
@@ -118,7 +120,12 @@ def tokenize_dataset(ds, cfg, tokenizer, encoder: Encoder | None = None,
                 problems.append(row)
                 continue
             try:
-                rendered.append(fmt.render(row))
+                one = fmt.render(row)
+                size = sum(len(p[0]) for p in one.pieces)
+                if size > MAX_ROW_BYTES:
+                    raise RowProblem(None, f"the row's text is {size / 1e6:.1f} M characters, over "
+                                           f"the {MAX_ROW_BYTES / 1e6:.0f} M limit for one row; split it")
+                rendered.append(one)
                 places.append(where)
                 if keep_all:
                     own.append(fmt.corpus_text(row))
@@ -129,6 +136,8 @@ def tokenize_dataset(ds, cfg, tokenizer, encoder: Encoder | None = None,
     def take(result: tuple[list, list, list, list]) -> None:
         places, encoded, problems, own = result
         bad.extend(problems)
+        if on_rows is not None:
+            on_rows(len(places) + len(problems))
         texts.extend(own)
         ids: list[list[int]] = []
         labels: list[list[int]] = []
@@ -232,7 +241,8 @@ def build(cfg, tokenizer, log: Callable[[str], None] | None = None) -> tuple[Tok
     for group, out in (("datasets", parts), ("test_datasets", test_parts)):
         for ds in getattr(cfg, group) or []:
             start = time.perf_counter()
-            part = tokenize_dataset(ds, cfg, tokenizer, encoder, hf_cache)
+            with _progress(ds.path, enabled=log is not None) as on_rows:
+                part = tokenize_dataset(ds, cfg, tokenizer, encoder, hf_cache, on_rows=on_rows)
             say(f"{ds.path}: {len(part.rows)} rows, {part.rows.num_tokens} tokens"
                 f"{f', {len(part.bad)} bad' if part.bad else ''} "
                 f"({time.perf_counter() - start:.1f}s)")
@@ -288,6 +298,21 @@ def build(cfg, tokenizer, log: Callable[[str], None] | None = None) -> tuple[Tok
         stats.eval_rows = len(eval_rows)
         stats.eval_tokens = eval_rows.num_tokens
     return train, eval_rows, stats
+
+
+@contextmanager
+def _progress(name: str, enabled: bool) -> Iterator[Callable[[int], None] | None]:
+    """A live row count on a terminal (stderr), nothing otherwise."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}: {task.completed:,} rows"),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(f"tokenizing {name}", total=None)
+        yield lambda n: bar.advance(task, n)
 
 
 def _filter_summary(stats: DataStats) -> str:

@@ -252,3 +252,13 @@ def test_alpaca_row_problems(tok, row, field, problem):
     with pytest.raises(RowProblem) as err:
         make_format(cfg.datasets[0], cfg, tok).render(row)
     assert err.value.field == field and problem in err.value.problem
+
+
+def test_wordpiece_completion_is_cls_text_sep():
+    from conftest import make_tokenizer
+
+    bert = make_tokenizer("wordpiece")
+    cfg = config([{"path": "x.jsonl", "type": "completion"}], objective="masked_lm")
+    enc = encode_one(bert, cfg, {"text": "quick river"})
+    assert enc.input_ids == bert("quick river")["input_ids"]  # [CLS] ... [SEP], never doubled
+    assert enc.input_ids[0] == bert.cls_token_id and enc.input_ids[-1] == bert.sep_token_id
