@@ -120,3 +120,22 @@ def test_padding_a_packed_batch_keeps_rows_apart(tok):
                           use_cache=False).logits
             n = one["input_ids"].shape[1]
             torch.testing.assert_close(together[i:i + 1, :n], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_a_cache_defeats_the_packed_mask(tok):
+    """Why packed batches need use_cache=False: transformers builds the block-diagonal mask from
+    position_ids only without a cache, and Llama makes one by default (config.use_cache). When
+    this test fails, transformers changed and the use_cache=False rule can go."""
+    import torch
+
+    from conftest import make_tiny_model
+
+    model = make_tiny_model("llama", tok).eval()
+    ids = torch.arange(5, 15).unsqueeze(0)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]])
+    with torch.no_grad():
+        alone = model(input_ids=ids[:, 5:], use_cache=False).logits
+        isolated = model(input_ids=ids, position_ids=positions, use_cache=False).logits[:, 5:]
+        leaky = model(input_ids=ids, position_ids=positions).logits[:, 5:]
+    torch.testing.assert_close(isolated, alone, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(leaky, alone, atol=1e-3)
