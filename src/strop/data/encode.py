@@ -15,9 +15,12 @@ string. Any other row takes the whole-string path.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
 
 from strop.data.formats import Rendered
-from strop.data.rows import IGNORE
+from strop.data.rows import IGNORE, TokenRows
 from strop.errors import StropError
 
 # Boundaries strop checks once per tokenizer: (left piece, right piece) probes for
@@ -105,12 +108,75 @@ class Encoder:
                 out[i] = enc
         return [self._finish(rows[i], enc) for i, enc in enumerate(out) if enc is not None]
 
-    def _encode_piecewise(self, rows: list[Rendered]) -> list[Encoded]:
+    def encode_rows(self, rows: list[Rendered]) -> TokenRows:
+        """Like `encode`, straight into flat arrays; the fast path for a chunk of template rows
+        assembles ids and labels with numpy instead of row by row."""
+        if not rows or not all(self._piecewise(r) for r in rows):
+            encoded = self.encode(rows)
+            return TokenRows.from_lists([e.input_ids for e in encoded], [e.labels for e in encoded])
+        return self._piecewise_flat(rows)
+
+    def _piecewise_flat(self, rows: list[Rendered]) -> TokenRows:
+        self._cache_literals(rows)
+        cache, prefix, n = self._cache, self.prefix, len(self.prefix)
+        varying = iter(self._ids([t for r in rows for t, _, lit in r.pieces if t and not lit]))
+        eos = [self.eos_id]
+        pieces: list[list[int]] = []   # every row's pieces, in order
+        trained: list[bool] = []
+        per_row = np.zeros(len(rows), dtype=np.int64)  # pieces of each row
+        eos_present: list[int] = []    # rows whose text already ended with EOS
+        for i, row in enumerate(rows):
+            start = len(pieces)
+            for text, is_trained, literal in row.pieces:
+                if not text:
+                    continue
+                piece = cache[text] if literal else next(varying)
+                if n and len(pieces) == start and piece[:n] != prefix:
+                    pieces.append(prefix)
+                    trained.append(False)
+                pieces.append(piece)
+                trained.append(is_trained)
+            if n and len(pieces) == start:
+                pieces.append(prefix)
+                trained.append(False)
+            if row.append_eos:
+                if self.eos_id is None:
+                    raise StropError("the tokenizer has no EOS token to end each response with; "
+                                     "set special_tokens: {eos_token: ...} in the config")
+                if len(pieces) > start and pieces[-1] and pieces[-1][-1] == self.eos_id:
+                    eos_present.append(i)
+                else:
+                    pieces.append(eos)
+                    trained.append(True)
+            per_row[i] = len(pieces) - start
+        if not pieces:
+            return TokenRows.from_lists([[] for _ in rows], [[] for _ in rows])
+        piece_lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+        total = int(piece_lengths.sum())
+        ids = np.fromiter(chain.from_iterable(pieces), dtype=np.int32, count=total)
+        labels = np.where(np.repeat(np.array(trained, dtype=bool), piece_lengths), ids,
+                          IGNORE).astype(np.int32)
+        piece_ends = np.cumsum(piece_lengths)
+        row_last_piece = np.cumsum(per_row) - 1
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        # A row without pieces ends where the previous one did (its last piece index repeats).
+        offsets[1:] = np.where(row_last_piece >= 0, piece_ends[np.maximum(row_last_piece, 0)], 0)
+        for i in eos_present:
+            labels[offsets[i + 1] - 1] = self.eos_id
+        starts = offsets[:-1][offsets[1:] > offsets[:-1]]
+        labels[starts] = IGNORE  # nothing predicts a row's first token
+        return TokenRows(ids, labels, offsets)
+
+    def _cache_literals(self, rows: list[Rendered]) -> None:
         cache = self._cache
         fresh = list(dict.fromkeys(t for r in rows for t, _, lit in r.pieces
                                    if lit and t and t not in cache))
         for text, ids in zip(fresh, self._ids(fresh), strict=True):
             cache[text] = ids
+
+    def _encode_piecewise(self, rows: list[Rendered]) -> list[Encoded]:
+        self._cache_literals(rows)
+        cache = self._cache
         varying = [t for r in rows for t, _, lit in r.pieces if t and not lit]
         encoded = iter(self._ids(varying))
         out = []

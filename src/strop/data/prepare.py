@@ -106,14 +106,13 @@ def tokenize_dataset(ds, cfg, tokenizer, encoder: Encoder | None = None,
     """
     fmt = make_format(ds, cfg, tokenizer)
     encoder = encoder or Encoder(tokenizer)
-    limit, rule = cfg.sequence_len, cfg.long_rows
     done: list[TokenRows] = []  # one per chunk: flat arrays, 4 bytes a token
     wheres: list[str] = []
     texts: list[str] = []
     bad: list[BadRow] = []
     counts: Counter = Counter()
 
-    def work(chunk: list) -> tuple[list, list, list, list]:
+    def work(chunk: list) -> tuple[list, TokenRows, list, list]:
         rendered, places, problems, own = [], [], [], []
         for where, row in chunk:
             if isinstance(row, BadRow):
@@ -131,40 +130,25 @@ def tokenize_dataset(ds, cfg, tokenizer, encoder: Encoder | None = None,
                     own.append(fmt.corpus_text(row))
             except RowProblem as err:
                 problems.append(BadRow(where, err.field, err.problem))
-        return places, encoder.encode(rendered), problems, own
+        return places, encoder.encode_rows(rendered), problems, own
 
-    def take(result: tuple[list, list, list, list]) -> None:
-        places, encoded, problems, own = result
+    def take(result: tuple[list, TokenRows, list, list]) -> None:
+        places, rows, problems, own = result
         bad.extend(problems)
+        texts.extend(own)
         if on_rows is not None:
             on_rows(len(places) + len(problems))
-        texts.extend(own)
-        ids: list[list[int]] = []
-        labels: list[list[int]] = []
-        for where, enc in zip(places, encoded, strict=True):
-            row_ids, row_labels = enc.input_ids, enc.labels
-            n = len(row_ids)
-            if not keep_all:
-                if not fmt.blocks and n > limit:
-                    if rule == "raise":
-                        raise StropError(f"{where}: the row has {n} tokens, more than sequence_len "
-                                         f"{limit}; raise sequence_len, or set "
-                                         "excess_length_strategy: truncate (or drop)")
-                    if rule == "drop":
-                        counts["dropped_long"] += 1
-                        continue
-                    counts["truncated"] += 1
-                    row_ids, row_labels = row_ids[:limit], row_labels[:limit]
-                if cfg.min_sample_len and n < cfg.min_sample_len:
-                    counts["dropped_short"] += 1
-                    continue
-                if not fmt.blocks and row_labels.count(IGNORE) == len(row_labels):
-                    counts["dropped_untrained"] += 1
-                    continue
-            ids.append(row_ids)
-            labels.append(row_labels)
-            wheres.append(where)
-        done.append(TokenRows.from_lists(ids, labels))
+        if keep_all:
+            done.append(rows)
+            wheres.extend(places)
+            return
+        index, ends = _length_rules(rows, places, fmt.blocks, cfg, counts)
+        if len(index) == len(rows) and np.array_equal(ends, rows.offsets[1:]):
+            done.append(rows)
+            wheres.extend(places)
+        else:
+            done.append(rows.spans(rows.offsets[index], ends))
+            wheres.extend(places[i] for i in index)
 
     workers = _workers(cfg)
     source = _chunks(iter_rows(ds, cache_dir), CHUNK)
@@ -183,6 +167,44 @@ def tokenize_dataset(ds, cfg, tokenizer, encoder: Encoder | None = None,
             for future in pending:
                 take(future.result())
     return Part(ds.path, TokenRows.concat(done), fmt.blocks, wheres, bad, counts, texts)
+
+
+def _length_rules(rows: TokenRows, places: list[str], is_text: bool, cfg,
+                  counts: Counter) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the rows training keeps, and where each ends (after truncation).
+
+    A row is counted under the first rule that drops it: too long (drop), shorter than
+    min_sample_len, nothing left to train. Pretraining text is never cut: it is laid in blocks.
+    """
+    starts, ends = rows.offsets[:-1], rows.offsets[1:]
+    lengths = ends - starts
+    keep = np.ones(len(rows), dtype=bool)
+    limit = cfg.sequence_len
+    if not is_text:
+        long = lengths > limit
+        if long.any():
+            if cfg.long_rows == "raise":
+                i = int(np.flatnonzero(long)[0])
+                raise StropError(f"{places[i]}: the row has {int(lengths[i])} tokens, more than "
+                                 f"sequence_len {limit}; raise sequence_len, or set "
+                                 "excess_length_strategy: truncate (or drop)")
+            if cfg.long_rows == "drop":
+                counts["dropped_long"] += int(long.sum())
+                keep &= ~long
+            else:
+                counts["truncated"] += int(long.sum())
+                ends = np.minimum(ends, starts + limit)
+    if cfg.min_sample_len:
+        short = keep & (lengths < cfg.min_sample_len)
+        counts["dropped_short"] += int(short.sum())
+        keep &= ~short
+    if not is_text:
+        trained = np.concatenate([[0], np.cumsum(rows.labels != IGNORE)])
+        untrained = keep & (trained[ends] - trained[starts] == 0)
+        counts["dropped_untrained"] += int(untrained.sum())
+        keep &= ~untrained
+    index = np.flatnonzero(keep)
+    return index, ends[index]
 
 
 # ---------------------------------------------------------------------------- whole config

@@ -97,9 +97,12 @@ class TokenRows(Sequence):
     def select(self, indices: Sequence[int] | np.ndarray) -> TokenRows:
         """The rows at `indices`, in that order, as new flat arrays."""
         indices = np.asarray(indices, dtype=np.int64)
-        starts, ends = self.offsets[indices], self.offsets[indices + 1]
+        return self.spans(self.offsets[indices], self.offsets[indices + 1])
+
+    def spans(self, starts: np.ndarray, ends: np.ndarray) -> TokenRows:
+        """Rows made of the flat slices [starts[k], ends[k]) (a selection, possibly truncated)."""
         gather = ranges(starts, ends)
-        offsets = np.zeros(len(indices) + 1, dtype=np.int64)
+        offsets = np.zeros(len(starts) + 1, dtype=np.int64)
         np.cumsum(ends - starts, out=offsets[1:])
         pos = self.position_ids[gather] if self.position_ids is not None else None
         return TokenRows(self.input_ids[gather], self.labels[gather], offsets, pos)

@@ -72,6 +72,12 @@ def test_piecewise_and_whole_string_encodings_agree(tok):
     assert [e.labels for e in fast] == [e.labels for e in whole]
     for r, e in zip(rendered, fast, strict=True):
         assert e.input_ids == tok(r.text)["input_ids"] + [tok.eos_token_id]
+    # The flat (numpy) assembly of a chunk gives the same rows, EOS already in the text included.
+    rendered.append(fmt.render({"instruction": "x", "output": "Done.</s>"}))
+    flat = encoder.encode_rows(rendered)
+    assert [r["input_ids"] for r in flat] == [e.input_ids for e in encoder.encode(rendered)]
+    assert [r["labels"] for r in flat] == [e.labels for e in encoder.encode(rendered)]
+    assert flat[-1]["input_ids"].count(tok.eos_token_id) == 1 and flat[-1]["labels"][-1] == tok.eos_token_id
 
 
 def test_completion_trains_every_token_and_ends_with_eos(tok):
