@@ -322,13 +322,12 @@ class ChatTemplate:
             content = messages[index]["content"]
             after = between[k + 1]
             last = k == len(order) - 1
-            for shown in dict.fromkeys((content, content.strip())):
-                end = pos + len(shown)
-                if real.startswith(shown, pos) and (real.endswith(after) and len(real) == end +
-                                                    len(after) if last else real.startswith(after, end)):
-                    break
-            else:
+            # The template wrote the content as is, or trimmed (llama3 does).
+            shown = next((c for c in dict.fromkeys((content, content.strip()))
+                          if _fits(real, pos, c, after, last)), None)
+            if shown is None:
                 raise self._mismatch(name)
+            end = pos + len(shown)
             trained = messages[index]["role"] in self.train_roles
             pieces += [(shown, trained or self.train_inputs, False),
                        (after, self.train_inputs, False)]
@@ -351,6 +350,14 @@ class ChatTemplate:
 
     def corpus_text(self, row: dict[str, Any]) -> str:
         return "\n".join(m["content"] for m in self._messages(row)[1])
+
+
+def _fits(real: str, pos: int, content: str, after: str, last: bool) -> bool:
+    """Does `content` sit at `pos` in the rendered text, followed by the template's `after`?"""
+    end = pos + len(content)
+    if not real.startswith(content, pos):
+        return False
+    return real[end:] == after if last else real.startswith(after, end)
 
 
 def make_format(ds: DatasetConfig, cfg, tokenizer=None):
