@@ -16,6 +16,14 @@ def tok():
     return bpe()
 
 
+@pytest.fixture(scope="module")
+def llama():
+    """One tiny random Llama for the module (eval mode: no dropout)."""
+    from conftest import make_tiny_model
+
+    return make_tiny_model("llama", bpe()).eval()
+
+
 def test_best_fit_decreasing_known_example():
     # 5 opens bin 0; 4 opens bin 1; 3 fills bin 0 exactly (tightest fit); 3 goes to bin 1;
     # 2 opens bin 2; 1 fills bin 1 exactly.
@@ -67,14 +75,13 @@ def test_split_long_and_blocks():
     assert all(r["labels"] == r["input_ids"] for r in b)  # every token trained
 
 
-def test_packed_rows_match_separate_rows_on_a_tiny_llama(tok):
+def test_packed_rows_match_separate_rows_on_a_tiny_llama(tok, llama):
     """Logits per document and the loss are the same packed or not: no cross-document attention."""
     import torch
     from transformers.masking_utils import find_packed_sequence_indices
 
-    from conftest import make_tiny_model
 
-    model = make_tiny_model("llama", tok).eval()
+    model = llama
     rows, _ = _rows([6, 9, 4, 7], seed=1)
     rows.labels[rows.offsets[1] + 2] = IGNORE  # a prompt token inside a document
     packed = pack(rows, 32)
@@ -101,12 +108,10 @@ def test_packed_rows_match_separate_rows_on_a_tiny_llama(tok):
     torch.testing.assert_close(loss_packed, loss_unpacked, atol=1e-5, rtol=1e-5)
 
 
-def test_padding_a_packed_batch_keeps_rows_apart(tok):
+def test_padding_a_packed_batch_keeps_rows_apart(tok, llama):
     import torch
 
-    from conftest import make_tiny_model
-
-    model = make_tiny_model("llama", tok).eval()
+    model = llama
     rows, _ = _rows([5, 4, 8], seed=2)
     packed = pack(rows, 9)  # two rows of different lengths: the shorter is padded
     collate = Collator(pad_id=tok.pad_token_id)
@@ -122,15 +127,13 @@ def test_padding_a_packed_batch_keeps_rows_apart(tok):
             torch.testing.assert_close(together[i:i + 1, :n], alone, atol=1e-5, rtol=1e-4)
 
 
-def test_a_cache_defeats_the_packed_mask(tok):
+def test_a_cache_defeats_the_packed_mask(llama):
     """Why packed batches need use_cache=False: transformers builds the block-diagonal mask from
     position_ids only without a cache, and Llama makes one by default (config.use_cache). When
     this test fails, transformers changed and the use_cache=False rule can go."""
     import torch
 
-    from conftest import make_tiny_model
-
-    model = make_tiny_model("llama", tok).eval()
+    model = llama
     ids = torch.arange(5, 15).unsqueeze(0)
     positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]])
     with torch.no_grad():
