@@ -80,7 +80,10 @@ def train(
 @app.command(context_settings=OVERRIDES)
 def preprocess(ctx: typer.Context, config: Path = typer.Argument(..., help="YAML config file")):
     """Tokenize, mask and pack the datasets once into dataset_prepared_path."""
-    _not_built("preprocess", "the data issue")
+    from strop.config import load_config
+    from strop.data.commands import preprocess as run_preprocess
+
+    run_preprocess(load_config(config, ctx.args).cfg)
 
 
 @app.command(context_settings=OVERRIDES)
@@ -108,9 +111,19 @@ def inspect(
 
 
 @data_app.command("check")
-def data_check(target: Path = typer.Argument(..., help="YAML config or data file")):
+def data_check(
+    target: Path = typer.Argument(..., help="YAML config or data file"),
+    type_: str = typer.Option(None, "--type", help="Format of a data file (alpaca, chat_template, ...)"),
+    tokenizer: str = typer.Option(None, "--tokenizer", help="Tokenizer directory or hub id (data file)"),
+    sequence_len: int = typer.Option(None, "--sequence-len", help="Override sequence_len"),
+    show: int = typer.Option(0, "--show", help="Print N samples: trained tokens bold, masked dim"),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON"),
+    png: Path = typer.Option(Path("data-check.png"), "--png", help="Where to save the histograms"),
+):
     """Lint a dataset: size, duplicates, truncation, masking, EOS trained."""
-    _not_built("data check", "the data issue")
+    from strop.data.commands import data_check as run_check
+
+    run_check(target, type_, tokenizer, sequence_len, show, as_json, png)
 
 
 @app.command()
