@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from strop.config.load import LoadedConfig
 from strop.config.schema import StropConfig
+from strop.data.batches import batch_generator
 from strop.errors import StropError
 from strop.train import checkpoint as ckpt
 from strop.train.forward import LossModel, unwrap
@@ -115,7 +116,7 @@ def setup(loaded: LoadedConfig, overwrite: bool = False) -> Run:
 
     from strop.config.show import render_resolved
     from strop.data import prepare_data
-    from strop.data.batches import BatchPlan, collate_fn
+    from strop.data.batches import BatchPlan, make_collator
     from strop.model.load import load_model
     from strop.model.tokenizer import load_tokenizer
     from strop.plan.math import training_flops_per_token
@@ -127,8 +128,8 @@ def setup(loaded: LoadedConfig, overwrite: bool = False) -> Run:
     set_seed(cfg.seed)
     precision = resolve_precision(cfg)
 
-    # A tokenizer trained for a from-scratch run is part of the run: reuse the saved one.
-    tokenizer = load_tokenizer(cfg, saved=resume_dir)
+    # A tokenizer trained for a from-scratch run is saved in output_dir and reused on resume.
+    tokenizer = load_tokenizer(cfg)
     data = prepare_data(cfg, tokenizer)
     weights_dtype = precision.frozen_weights if cfg.uses_lora else torch.float32
     model = load_model(cfg, tokenizer, precision.device, weights_dtype)
@@ -175,7 +176,7 @@ def setup(loaded: LoadedConfig, overwrite: bool = False) -> Run:
         if eval_plan is not None else None
     return Run(cfg=cfg, config_text=render_resolved(loaded), out=out, precision=precision,
                tokenizer=tokenizer, loss_model=loss_model, data=data, train_plan=train_plan,
-               eval_plan=eval_plan, collate=collate_fn(cfg, tokenizer),
+               eval_plan=eval_plan, collate=make_collator(cfg, tokenizer),
                optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps, eval_every=eval_every,
                save_every=_every(steps_per_epoch, cfg.save_steps, cfg.saves_per_epoch),
@@ -208,32 +209,45 @@ def _to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.T
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+EVAL_STREAM = 1_000_000  # the "epoch" of evaluation batches' random choices (masked LM)
+
+
 def evaluate(run: Run) -> dict[str, float]:
     """Token-weighted eval loss and perplexity over the whole eval split, dropout off."""
     model = run.model
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad(), run.precision.autocast():
-        for indices in run.eval_plan.epoch(0):
-            batch = _to_device(run.collate(run.eval_plan.rows(indices)), run.precision.device)
+        for index, indices in enumerate(run.eval_plan.epoch(0)):
+            rows = _rows(run.data.eval, indices)
+            batch = _to_device(run.collate(rows, generator=batch_generator(run.cfg.seed, EVAL_STREAM, index)),
+                               run.precision.device)
             loss_sum, n = run.loss_model.loss_sum(batch)
-            total += float(loss_sum)
+            total += float(loss_sum.detach())
             count += n
     model.train()
     loss = total / max(count, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
 
 
-def _train_step(run: Run, windows: list[list[int]]) -> tuple[float, float, int, int]:
+def _rows(rows: Any, indices) -> list[dict[str, list[int]]]:
+    return [rows[int(i)] for i in indices]
+
+
+def _train_step(run: Run, window: list[tuple[int, Any]]) -> tuple[float, float, int, int]:
     """One optimizer step over a window of micro-batches.
 
     Returns (loss, grad norm, trained tokens, tokens); a non-finite loss or gradient leaves the
     weights untouched and returns it as is, for the caller to count.
     """
     device = run.precision.device
-    rows = [run.train_plan.rows(ix) for ix in windows]
+    epoch = run.state.epoch
+    rows = [_rows(run.data.train, ix) for _, ix in window]
     tokens = sum(len(r["input_ids"]) for group in rows for r in group)  # padding excluded
-    batches = [_to_device(run.collate(group), device) for group in rows]
+    # Random choices in collation (masked LM) come from a generator seeded by the batch's
+    # place, so a resumed run makes the same ones.
+    batches = [_to_device(run.collate(group, generator=batch_generator(run.cfg.seed, epoch, i)),
+                          device) for (i, _), group in zip(window, rows, strict=True)]
     # Normalise by every trained token of the window, not per micro-batch: the same loss and
     # gradients whatever the micro_batch_size x gradient_accumulation_steps split.
     n_window = sum(count_trained_tokens(b["labels"], run.loss_model.shift) for b in batches)
@@ -243,7 +257,7 @@ def _train_step(run: Run, windows: list[list[int]]) -> tuple[float, float, int, 
             loss_sum, _ = run.loss_model.loss_sum(batch)
         loss = loss_sum / max(n_window, 1)
         (run.scaler.scale(loss) if run.scaler else loss).backward()
-        total += float(loss_sum)
+        total += float(loss_sum.detach())
     loss_value = total / max(n_window, 1)
     params = [p for p in run.model.parameters() if p.requires_grad]
     if run.scaler:
@@ -263,9 +277,10 @@ def _train_step(run: Run, windows: list[list[int]]) -> tuple[float, float, int, 
     return loss_value, grad_norm, n_window, tokens
 
 
-def _windows(run: Run, epoch: int) -> list[list[list[int]]]:
-    """The epoch's micro-batches grouped into optimizer steps (the last may be shorter)."""
-    batches = run.train_plan.epoch(epoch)
+def _windows(run: Run, epoch: int) -> list[list[tuple[int, Any]]]:
+    """The epoch's micro-batches (index, row indices) grouped into optimizer steps; the last
+    step of an epoch may have fewer micro-batches."""
+    batches = list(enumerate(run.train_plan.epoch(epoch)))
     accum = run.cfg.gradient_accumulation_steps
     return [batches[i:i + accum] for i in range(0, len(batches), accum)]
 
