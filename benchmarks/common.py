@@ -106,8 +106,8 @@ def peak_rss_bytes() -> int:
 
 
 def params_millions(path: Path) -> float:
-    from transformers import AutoConfig, AutoModelForCausalLM
     import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))

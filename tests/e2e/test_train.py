@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_corpus
 from safetensors.torch import load_file
 
+from conftest import tiny_corpus
 from strop.config import load_dict
 from strop.train.loop import train
 
