@@ -87,9 +87,28 @@ def preprocess(ctx: typer.Context, config: Path = typer.Argument(..., help="YAML
 
 
 @app.command(context_settings=OVERRIDES)
-def plan(ctx: typer.Context, config: Path = typer.Argument(..., help="YAML config file")):
+def plan(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="YAML config file"),
+    gpu: str = typer.Option(None, "--gpu", help="Plan for one GPU (H100, A100-80GB, T4, ...) or cpu"),
+    world_size: int = typer.Option(1, "--world-size", min=1, help="Devices training together"),
+    sharding: str = typer.Option("ddp", "--sharding", help="ddp (replicas) or fsdp (sharded)"),
+    as_json: bool = typer.Option(False, "--json", help="Print every figure as JSON"),
+    prices: Path = typer.Option(None, "--prices", help="Your own price table (JSON)"),
+    mfu: float = typer.Option(None, "--mfu", min=0.01, max=1.0, help="Assumed utilisation"),
+):
     """Predict parameters, memory, FLOPs, time and cost of a run before renting a GPU."""
-    _not_built("plan", "the plan issue")
+    import json
+
+    from strop.config import load_config
+    from strop.plan.report import build_plan, render_text, round_floats
+
+    if sharding not in ("ddp", "fsdp"):
+        raise StropError(f"--sharding {sharding}: use ddp or fsdp")
+    loaded = load_config(config, ctx.args)
+    result = build_plan(loaded.cfg, gpu=gpu, world_size=world_size, sharding=sharding,
+                        prices_path=prices, mfu=mfu, base_dir=config.parent)
+    typer.echo(json.dumps(round_floats(result), indent=2) if as_json else render_text(result))
 
 
 @app.command()

@@ -1,0 +1,224 @@
+"""Peak memory per device of a training run, itemised.
+
+The run is modelled as strop trains: trainable parameters in fp32 (their own master copy),
+compute under bf16/fp16 autocast, a LoRA base frozen in the compute dtype, a k-bit base with its
+other parameters in fp32, `optimizer.zero_grad(set_to_none=True)` after each step. Memory
+rises and falls within a step; the peak is the largest of these moments (after the first step,
+when optimizer states exist):
+- forward_end: the loss is being computed; every saved activation, the logits and, under
+  autocast, the compute-dtype copies of the weights (autocast caches them until it exits);
+- backward_start: the logits' gradients at their largest; without checkpointing the weight
+  copies are still held by the graph;
+- recompute (gradient checkpointing): the last layer re-run in backward, on top of every layer's
+  checkpointed input;
+- optimizer_step: gradients of every trainable parameter, the states and the step's temporaries.
+The items returned are those live at the peak; they add up to the total.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from strop.plan import math as tm
+from strop.plan.params import ParamCounts
+from strop.plan.shape import ModelShape
+
+MiB = 2**20
+GiB = 2**30
+
+# What the framework itself takes once training runs, beyond tensors.
+# CPU: the resident-set growth of a training step on a model too small to matter (hidden 8,
+# one layer, 8 tokens), measured on torch 2.13 CPU with `python benchmarks/plan_accuracy.py
+# --overhead`: code pages of the forward/backward/optimizer kernels, oneDNN and OpenMP state and
+# glibc arenas. It depends little on model size.
+CPU_FRAMEWORK_BYTES = 14 * MiB
+# CUDA: the context and loaded kernels (about 500 MiB on Hopper with lazy module loading) and
+# cuBLAS workspaces; torch.cuda.max_memory_allocated does not see the context, nvidia-smi does.
+CUDA_CONTEXT_BYTES = 512 * MiB
+CUDA_WORKSPACE_BYTES = 32 * MiB
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How the run trains, as the memory math needs it."""
+
+    mode: str                      # full | lora | qlora | lora8
+    micro_batch: int
+    seq_len: int
+    compute_bytes: int = 2         # 2 under bf16/fp16 autocast, 4 in plain fp32
+    gradient_checkpointing: bool = False
+    attention: str = "sdpa"
+    optimizer: str = "adamw_torch_fused"
+    sgd_momentum: float = 0.0
+    lora_dropout: bool = False
+    double_quant: bool = True
+    device: str = "cuda"           # cuda | cpu
+    world_size: int = 1
+    sharding: str = "ddp"          # ddp (replicas) | fsdp (fully sharded)
+    logits_chunk: int | None = None  # tokens scored at once by a chunked loss (None = all)
+    masked: bool = False           # rows are padded or packed: transformers builds a 4-D mask
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch * self.seq_len
+
+
+@dataclass
+class MemoryEstimate:
+    total: float                   # predicted peak bytes per device, overhead included
+    items: dict[str, float]        # parts live at the peak; they add up to total
+    peak_phase: str
+    phases: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _residual_bytes(setup: Setup) -> int:
+    # The residual stream takes the dtype of the embeddings and norms: fp32 for full training
+    # and for a k-bit base (PEFT upcasts them), the compute dtype for a LoRA base.
+    return setup.compute_bytes if setup.mode == "lora" else tm.FP32
+
+
+def weight_bytes(params: ParamCounts, setup: Setup) -> dict[str, float]:
+    """Stored parameters: the base (by its storage) and the trainable adapters."""
+    c = setup.compute_bytes
+    if setup.mode == "full":
+        return {"weights": tm.FP32 * params.total}
+    if setup.mode == "qlora":
+        base = tm.nf4_bytes(params.quantized, setup.double_quant, params.quantized_linears)
+        base += tm.FP32 * (params.total - params.quantized)
+    elif setup.mode == "lora8":
+        base = tm.int8_bytes(params.quantized, params.quantized_rows)
+        base += tm.FP32 * (params.total - params.quantized)
+    else:
+        base = c * params.total
+    return {"weights": base, "lora_weights": tm.FP32 * params.trainable}
+
+
+def autocast_copy_bytes(params: ParamCounts, setup: Setup) -> tuple[float, float]:
+    """(copies held through backward, copies alive only until the forward ends), in bytes.
+
+    Autocast casts fp32 matmul weights to the compute dtype. It caches the copies of trainable
+    weights until the autocast region exits, and the graph holds every copy a backward needs:
+    without checkpointing all of them; with it, only the head's (outside the checkpointed
+    layers).
+    """
+    c = setup.compute_bytes
+    if c >= tm.FP32:
+        return 0.0, 0.0
+    if setup.mode == "full":
+        copied = params.linear_weights
+        head = params.head
+    else:  # adapters, saved modules, and frozen fp32 linears (the head of a k-bit base)
+        frozen_fp32 = params.frozen_fp_linear_weights if setup.mode in ("qlora", "lora8") else 0
+        copied = params.linear_weights_trainable + frozen_fp32
+        head = params.head if setup.mode in ("qlora", "lora8") else 0
+    held = c * (head if setup.gradient_checkpointing else copied)
+    return held, c * copied - held
+
+
+def activation_bytes(shape: ModelShape, params: ParamCounts, setup: Setup) -> dict[str, float]:
+    """Saved activations per device for one micro-batch: layers, head, logits, mask."""
+    c, rb = setup.compute_bytes, _residual_bytes(setup)
+    pb = tm.FP32 if setup.mode in ("qlora", "lora8") else c
+    per_layer = [[] for _ in range(shape.layers)]
+    for module in params.lora_modules:
+        index = _layer_of(module.name)
+        if index is not None and index < shape.layers:
+            per_layer[index].append((module.in_features, module.rank))
+    layers = [tm.layer_activation_bytes(
+        shape, setup.seq_len, attention=setup.attention, mode=setup.mode, compute_bytes=c,
+        residual_bytes=rb, projection_bytes=pb, lora_inputs=inputs,
+        lora_dropout=setup.lora_dropout, norms_trainable=setup.mode == "full")
+        for inputs in per_layer]
+    tokens = setup.tokens
+    if setup.gradient_checkpointing:
+        kept = shape.layers * tm.checkpointed_layer_bytes(shape, rb) * tokens
+        recompute = max(layers) * tokens
+    else:
+        kept = sum(layers) * tokens
+        recompute = 0.0
+    head = tm.head_activation_bytes(shape, mode=setup.mode, compute_bytes=c, residual_bytes=rb,
+                                    head_trainable=setup.mode == "full") * tokens
+    return {
+        "activations": kept,
+        "recompute": recompute,
+        "head": head,
+        "logits": tm.logits_peak_bytes(shape.vocab, tokens, setup.logits_chunk),
+        "attention_mask": tm.attention_mask_bytes(setup.seq_len, setup.micro_batch,
+                                                  setup.attention, setup.masked, c),
+    }
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    for before, part in zip(parts, parts[1:], strict=False):
+        if before in ("layers", "h", "layer", "blocks") and part.isdigit():
+            return int(part)
+    return None
+
+
+def estimate_memory(shape: ModelShape, params: ParamCounts, setup: Setup) -> MemoryEstimate:
+    """Peak bytes per device and the items live at that moment."""
+    world = max(setup.world_size, 1)
+    stored = weight_bytes(params, setup)
+    states = tm.optimizer_state_bytes(setup.optimizer, params.trainable_shapes, setup.sgd_momentum)
+    grads = tm.FP32 * params.trainable
+    step_temp = tm.optimizer_step_temp_bytes(setup.optimizer, setup.device, params.trainable,
+                                             params.largest_trainable)
+    notes: list[str] = []
+    gathered = 0.0
+    if world > 1 and setup.sharding == "fsdp":
+        # Fully sharded: each device keeps 1/world of parameters, gradients and states, and
+        # gathers one layer's full weights at a time (two with prefetching).
+        stored = {k: v / world for k, v in stored.items()}
+        states, grads, step_temp = states / world, grads / world, step_temp / world
+        per_layer = (params.total - params.embedding - params.head) / max(shape.layers, 1)
+        gathered = 2 * per_layer * setup.compute_bytes
+        notes.append(f"FSDP over {world} devices: weights, gradients and optimizer states are "
+                     "sharded; two layers' full weights are gathered at a time")
+    elif world > 1:
+        # DDP reduces gradients through buckets: one more gradient-sized buffer per device.
+        notes.append(f"DDP over {world} devices: every device holds a full replica, plus "
+                     "gradient buckets the size of the gradients")
+    buckets = grads if world > 1 and setup.sharding == "ddp" else 0.0
+    held_copies, forward_copies = autocast_copy_bytes(params, setup)
+    acts = activation_bytes(shape, params, setup)
+    if setup.device == "cpu":
+        framework = {"framework": float(CPU_FRAMEWORK_BYTES)}
+    else:
+        framework = {"cuda_context": float(CUDA_CONTEXT_BYTES),
+                     "framework": float(CUDA_WORKSPACE_BYTES)}
+    static = {**stored, "optimizer_states": states, **framework}
+    if gathered:
+        static["fsdp_gathered_layers"] = gathered
+    if setup.optimizer.startswith("paged_"):
+        notes.append("paged optimizer: its states live in unified memory and can spill to host "
+                     "memory when the GPU runs short")
+
+    common = {"activations": acts["activations"], "head_activations": acts["head"],
+              "attention_mask": acts["attention_mask"]}
+    # The loss path: 10 B per logit while the forward computes the loss (compute-dtype logits,
+    # their fp32 copy, the fp32 log-softmax), 12 B at the start of backward (tm.logits_peak).
+    logits_fwd = acts["logits"] * 10 / 12
+    phases = {
+        "forward_end": {**static, **common, "logits_and_loss": logits_fwd,
+                        "autocast_weight_copies": held_copies + forward_copies},
+        "backward_start": {**static, **common, "logits_and_loss": acts["logits"],
+                           "autocast_weight_copies": held_copies, "gradient_buckets": buckets},
+        "optimizer_step": {**static, "gradients": grads, "optimizer_step_temp": step_temp,
+                           "gradient_buckets": buckets},
+    }
+    if setup.gradient_checkpointing:
+        layer_copies = forward_copies / max(shape.layers, 1)
+        phases["recompute"] = {**static, **common, "recompute_one_layer": acts["recompute"],
+                               "autocast_weight_copies": held_copies + layer_copies,
+                               "gradient_buckets": buckets}
+    totals = {name: sum(items.values()) for name, items in phases.items()}
+    peak = max(totals, key=totals.get)
+    items = {k: v for k, v in phases[peak].items() if v}
+    return MemoryEstimate(total=totals[peak], items=items, peak_phase=peak, phases=totals,
+                          notes=notes)
+
+
+def with_setup(setup: Setup, **changes) -> Setup:
+    return replace(setup, **changes)

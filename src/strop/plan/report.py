@@ -1,0 +1,328 @@
+"""`strop plan`: parameters, memory, compute, time and cost of a run, as a dict and as text.
+
+`build_plan` gathers everything into one JSON-ready dict (what `--json` prints); `render_text`
+turns that dict into the report a person reads. Time is FLOPs / (peak x MFU): the MFU is stated
+in the report, and for this machine's CPU the peak is a measured matmul.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from strop.plan.estimate import ModelFacts, flops_per_token, model_facts, setup_for, training_mode
+from strop.plan.hardware import Device, find_gpu, gpu_table, load_prices, this_cpu
+from strop.plan.math import nf4_bits_per_param
+from strop.plan.memory import GiB, Setup, estimate_memory
+from strop.plan.tokens import TokenEstimate, estimate_tokens
+
+if TYPE_CHECKING:
+    from strop.config.schema import StropConfig
+
+# Model FLOPs utilisation assumed on a GPU: well-tuned single-GPU fine-tuning of 1-70B models
+# reaches 35-50% with flash attention; 40% is the middle. QLoRA dequantizes every weight in
+# each matmul, which costs about a third more time at the same FLOPs.
+GPU_MFU = 0.40
+QLORA_SLOWDOWN = 1.35
+# On a CPU the measured square matmul is the peak; small-model training spends as much again in
+# memory-bound work (norms, softmax, elementwise, the optimizer), so about half of it is reached.
+CPU_MFU = 0.50
+
+
+def build_plan(cfg: StropConfig, *, gpu: str | None = None, world_size: int = 1,
+               sharding: str = "ddp", prices_path: str | Path | None = None,
+               mfu: float | None = None, base_dir: Path | None = None,
+               measure_cpu: bool = True) -> dict[str, Any]:
+    facts = model_facts(cfg)
+    prices = load_prices(prices_path)
+    table = gpu_table(prices)
+    devices: list[Device] = list(table.values())
+    chosen: Device | None = None
+    if gpu and gpu.lower() == "cpu":
+        chosen = this_cpu(_cpu_bf16(cfg), measure_cpu)
+        devices = [chosen]
+    elif gpu:
+        chosen = find_gpu(gpu, table)
+        devices = [chosen]
+    else:
+        devices.append(this_cpu(_cpu_bf16(cfg), measure_cpu))
+    tokens = estimate_tokens(cfg, base_dir)
+    run_tokens = _run_tokens(cfg, tokens, world_size)
+    reference = chosen or table["H100 80GB"]
+    ref_setup = setup_for(cfg, reference.kind, reference.bf16, world_size, sharding)
+    ref_memory = estimate_memory(facts.shape, facts.params, ref_setup)
+    rows = [_device_row(facts, cfg, d, world_size, sharding, run_tokens, mfu) for d in devices]
+    plan: dict[str, Any] = {
+        "model": _model_section(facts, cfg),
+        "mode": training_mode(cfg),
+        "params": _params_section(facts, ref_setup),
+        "setup": {**asdict(ref_setup), "device": reference.name},
+        "memory": {"device": reference.name, "total_bytes": ref_memory.total,
+                   "items": ref_memory.items, "peak_phase": ref_memory.peak_phase,
+                   "phases": ref_memory.phases, "notes": ref_memory.notes},
+        "compute": _compute_section(facts, ref_setup, tokens, run_tokens),
+        "devices": rows,
+        "cheapest": _cheapest(rows),
+        "prices": {"date": prices.get("date"), "currency": prices.get("currency", "USD"),
+                   "sources": prices.get("sources", {})},
+        "assumptions": _assumptions(mfu),
+    }
+    if not any(r["fits"] for r in rows):
+        plan["suggestions"] = _suggestions(cfg, facts, devices, world_size, sharding, run_tokens,
+                                           mfu)
+    return plan
+
+
+def _cpu_bf16(cfg: StropConfig) -> bool:
+    from strop.device import detect
+
+    return detect().cpu_bf16
+
+
+def _run_tokens(cfg: StropConfig, tokens: TokenEstimate, world_size: int) -> float | None:
+    """Tokens processed by the whole run: max_steps when set, else epochs over the data."""
+    if cfg.max_steps:
+        per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size
+        return float(cfg.max_steps * per_step * cfg.sequence_len)
+    if tokens.tokens_per_epoch is None:
+        return None
+    return tokens.tokens_per_epoch * cfg.num_epochs
+
+
+def _model_section(facts: ModelFacts, cfg: StropConfig) -> dict[str, Any]:
+    s = facts.shape
+    return {"source": facts.source, "model_type": facts.hf_config.model_type,
+            "hidden_size": s.hidden, "layers": s.layers, "heads": s.heads,
+            "kv_heads": s.kv_heads, "head_dim": s.head_dim, "intermediate_size": s.intermediate,
+            "vocab_size": s.vocab, "experts": s.experts, "tied_embeddings": s.tied_embeddings}
+
+
+def _params_section(facts: ModelFacts, setup: Setup) -> dict[str, Any]:
+    p = facts.params
+    section = {"total": p.total, "trainable": p.trainable, "adapter": p.adapter,
+               "modules_to_save": p.modules_to_save, "quantized": p.quantized,
+               "by_dtype": p.by_dtype(setup.mode, setup.compute_bytes),
+               "lora_modules": len(p.lora_modules)}
+    if setup.mode == "qlora":
+        section["nf4_bits_per_param"] = nf4_bits_per_param(setup.double_quant)
+        section["double_quant_saving_bits_per_param"] = (nf4_bits_per_param(False)
+                                                         - nf4_bits_per_param(True))
+    return section
+
+
+def _compute_section(facts: ModelFacts, setup: Setup, tokens: TokenEstimate,
+                     run_tokens: float | None) -> dict[str, Any]:
+    hardware = flops_per_token(facts, setup)
+    return {
+        "tokens_per_epoch": tokens.tokens_per_epoch,
+        "text_tokens_per_epoch": tokens.text_tokens,
+        "rows_per_epoch": tokens.rows,
+        "tokens_source": tokens.source,
+        "datasets_not_on_disk": list(tokens.missing),
+        "tokens_total": run_tokens,
+        "flops_per_token": hardware,
+        "model_flops_per_token": flops_per_token(facts, setup, recompute=False),
+        "flops_total": hardware * run_tokens if run_tokens is not None else None,
+    }
+
+
+def _mfu(device: Device, setup: Setup, mfu: float | None) -> float:
+    if device.kind == "cpu":
+        return mfu or CPU_MFU
+    base = mfu or GPU_MFU
+    return base / QLORA_SLOWDOWN if setup.mode == "qlora" else base
+
+
+def _device_row(facts: ModelFacts, cfg: StropConfig, device: Device, world_size: int,
+                sharding: str, run_tokens: float | None, mfu: float | None,
+                setup: Setup | None = None) -> dict[str, Any]:
+    setup = setup or setup_for(cfg, device.kind, device.bf16, world_size, sharding)
+    memory = estimate_memory(facts.shape, facts.params, setup)
+    peak = device.peak_flops(setup.compute_bytes, fp16=bool(cfg.fp16))
+    used_mfu = _mfu(device, setup, mfu)
+    tokens_per_second = world_size * peak * used_mfu / flops_per_token(facts, setup)
+    hours = run_tokens / tokens_per_second / 3600 if run_tokens else None
+    per_million = 1e6 / tokens_per_second / 3600
+    return {
+        "device": device.name, "kind": device.kind, "count": world_size,
+        "memory_bytes": device.memory_bytes, "total_bytes": memory.total,
+        "fits": memory.total <= device.memory_bytes,
+        "headroom_bytes": device.memory_bytes - memory.total,
+        "compute_dtype": {2: "bf16" if device.bf16 else "fp16", 4: "fp32"}[setup.compute_bytes],
+        "peak_flops": peak, "mfu": used_mfu, "tokens_per_second": tokens_per_second,
+        "hours": hours,
+        "cost": {p: price * world_size * hours for p, price in device.prices.items()}
+        if hours is not None else {},
+        "cost_per_million_tokens": {p: price * world_size * per_million
+                                    for p, price in device.prices.items()},
+    }
+
+
+def _cheapest(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    options = [(price, row["device"], provider) for row in rows if row["fits"]
+               for provider, price in row["cost_per_million_tokens"].items()]
+    if not options:
+        return None
+    price, device, provider = min(options)
+    row = next(r for r in rows if r["device"] == device)
+    return {"device": device, "provider": provider, "count": row["count"],
+            "cost": row["cost"].get(provider), "hours": row["hours"],
+            "cost_per_million_tokens": price}
+
+
+def _knobs(cfg: StropConfig) -> list[tuple[str, dict[str, Any]]]:
+    """Changes that lower memory, each as (what to write in the YAML, the config update)."""
+    knobs: list[tuple[str, dict[str, Any]]] = []
+    if not cfg.gradient_checkpointing:
+        knobs.append(("gradient_checkpointing: true", {"gradient_checkpointing": True}))
+    if cfg.optimizer in ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit"):
+        knobs.append(("optimizer: adamw_8bit", {"optimizer": "adamw_8bit"}))
+    if cfg.micro_batch_size > 1:
+        ga = cfg.gradient_accumulation_steps * cfg.micro_batch_size
+        knobs.append((f"micro_batch_size: 1, gradient_accumulation_steps: {ga}",
+                      {"micro_batch_size": 1, "gradient_accumulation_steps": ga}))
+    if cfg.sequence_len > 512:
+        half = cfg.sequence_len // 2
+        knobs.append((f"sequence_len: {half}", {"sequence_len": half}))
+    if not cfg.load_in_4bit:
+        update: dict[str, Any] = {"adapter": "qlora", "load_in_4bit": True, "load_in_8bit": False}
+        if not cfg.uses_lora:
+            update.update(lora_target_linear=True, lora_r=16, lora_alpha=32)
+        knobs.append(("adapter: qlora, load_in_4bit: true" +
+                      ("" if cfg.uses_lora else ", lora_r: 16, lora_target_linear: true"), update))
+    if len(knobs) > 1:
+        combined: dict[str, Any] = {}
+        for _, update in knobs:
+            combined.update(update)
+        knobs.append(("all of the above", combined))
+    return knobs
+
+
+def _suggestions(cfg: StropConfig, facts: ModelFacts, devices: list[Device], world_size: int,
+                 sharding: str, run_tokens: float | None, mfu: float | None) -> list[dict]:
+    out = []
+    for label, update in _knobs(cfg):
+        changed = cfg.model_copy(update=update)
+        new_facts = facts
+        if (changed.uses_lora, changed.load_in_4bit) != (cfg.uses_lora, cfg.load_in_4bit):
+            new_facts = model_facts(changed)
+        rows = [_device_row(new_facts, changed, d, world_size, sharding, run_tokens, mfu)
+                for d in devices]
+        fitting = [r["device"] for r in rows if r["fits"]]
+        out.append({"change": label, "total_bytes": min(r["total_bytes"] for r in rows),
+                    "fits_on": fitting, "cheapest": _cheapest(rows)})
+    return out
+
+
+def _assumptions(mfu: float | None) -> list[str]:
+    return [
+        f"time = FLOPs / (peak x MFU); MFU {mfu or GPU_MFU:.0%} on GPUs "
+        f"({(mfu or GPU_MFU) / QLORA_SLOWDOWN:.0%} for QLoRA, which dequantizes in every matmul), "
+        f"{mfu or CPU_MFU:.0%} of a measured matmul on this CPU",
+        "trainable weights in fp32 with bf16/fp16 autocast; a LoRA base frozen in the compute "
+        "dtype; a 4-bit base keeps its other weights in fp32",
+        "gradient checkpointing recomputes each layer's forward: its FLOPs are counted in time",
+    ]
+
+
+# ----------------------------------------------------------------------------- text
+
+def _size(n: float | None) -> str:
+    if n is None:
+        return "?"
+    if abs(n) >= GiB:
+        return f"{n / GiB:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _count(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _hours(h: float | None) -> str:
+    if h is None:
+        return "?"
+    if h < 1:
+        return f"{h * 60:.0f} min"
+    return f"{h:.1f} h" if h < 48 else f"{h / 24:.1f} days"
+
+
+def render_text(plan: dict[str, Any]) -> str:
+    m, p, mem, comp = plan["model"], plan["params"], plan["memory"], plan["compute"]
+    lines = [f"model     {m['source']} ({m['model_type']}: {m['layers']} layers, hidden "
+             f"{m['hidden_size']}, {m['heads']} heads / {m['kv_heads']} kv, vocab "
+             f"{m['vocab_size']})",
+             f"training  {plan['mode']}, micro batch {plan['setup']['micro_batch']} x "
+             f"{plan['setup']['seq_len']} tokens, gradient checkpointing "
+             f"{'on' if plan['setup']['gradient_checkpointing'] else 'off'}, "
+             f"{plan['setup']['attention']}, {plan['setup']['optimizer']}",
+             "",
+             f"parameters  total {_count(p['total'])}, trainable {_count(p['trainable'])} "
+             f"({100 * p['trainable'] / max(p['total'], 1):.2f}%)"]
+    lines.append("            by dtype: " + ", ".join(f"{k} {_count(v)}"
+                                                     for k, v in p["by_dtype"].items()))
+    if "nf4_bits_per_param" in p:
+        lines.append(f"            NF4 {p['nf4_bits_per_param']:.3f} bits/param (double "
+                     f"quantization saves {p['double_quant_saving_bits_per_param']:.3f})")
+    lines += ["", f"memory per device on {mem['device']} (peak at {mem['peak_phase']}):"]
+    for name, value in sorted(mem["items"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {name:<26} {_size(value):>12}")
+    lines.append(f"  {'total':<26} {_size(mem['total_bytes']):>12}")
+    lines += [f"  note: {n}" for n in mem["notes"]]
+    lines += ["", "compute"]
+    tokens = comp["tokens_per_epoch"]
+    if tokens is None:
+        lines.append(f"  tokens per epoch  unknown: {', '.join(comp['datasets_not_on_disk'])} "
+                     "is not on disk (time and cost are per million tokens)")
+    else:
+        lines.append(f"  tokens per epoch  {_count(tokens)} ({comp['tokens_source']})")
+    lines.append(f"  FLOPs per token   {_count(comp['flops_per_token'])} "
+                 f"(model FLOPs {_count(comp['model_flops_per_token'])})")
+    if comp["flops_total"] is not None:
+        lines.append(f"  FLOPs total       {comp['flops_total']:.3g} over "
+                     f"{_count(comp['tokens_total'])} tokens")
+    lines += ["", f"{'device':<34} {'fits':<18} {'tokens/s':>10} {'time':>9}  cost"]
+    for row in plan["devices"]:
+        fit = (f"yes (+{_size(row['headroom_bytes'])})" if row["fits"]
+               else f"no ({_size(-row['headroom_bytes'])} over)")
+        costs = row["cost"] if row["hours"] is not None else row["cost_per_million_tokens"]
+        unit = "" if row["hours"] is not None else "/M tok"
+        cost = ", ".join(f"{k} ${v:,.2f}{unit}" for k, v in sorted(costs.items(), key=lambda kv: kv[1]))
+        name = row["device"] if row["count"] == 1 else f"{row['count']} x {row['device']}"
+        lines.append(f"{name[:34]:<34} {fit:<18} {row['tokens_per_second']:>10,.0f} "
+                     f"{_hours(row['hours']):>9}  {cost or '-'}")
+    cheap = plan["cheapest"]
+    lines.append("")
+    if cheap:
+        what = (f"${cheap['cost']:,.2f} for the run" if cheap["cost"] is not None
+                else f"${cheap['cost_per_million_tokens']:.3f} per million tokens")
+        lines.append(f"cheapest that fits: {cheap['device']} on {cheap['provider']}, {what}")
+    else:
+        lines.append("nothing fits; each of these changes alone:")
+        for s in plan.get("suggestions", []):
+            where = ", ".join(s["fits_on"][:4]) if s["fits_on"] else "still nothing"
+            lines.append(f"  {s['change']:<58} {_size(s['total_bytes']):>11}  fits: {where}")
+    lines += ["", f"prices of {plan['prices']['date']} ({', '.join(plan['prices']['sources'])}); "
+              "edit or pass --prices FILE"]
+    lines += [f"assumes: {a}" for a in plan["assumptions"]]
+    return "\n".join(lines)
+
+
+def round_floats(value: Any) -> Any:
+    """JSON output: whole numbers for bytes and counts, 4 significant digits elsewhere."""
+    if isinstance(value, float):
+        if math.isfinite(value) and value == int(value) and abs(value) < 2**53:
+            return int(value)
+        return float(f"{value:.4g}") if abs(value) < 1e6 else round(value)
+    if isinstance(value, dict):
+        return {k: round_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [round_floats(v) for v in value]
+    return value
