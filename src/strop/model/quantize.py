@@ -159,8 +159,10 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
     parameter to fp32, embeddings and output head included (a 4k x 128k head alone is 2 GiB in
     fp32), which undoes much of what QLoRA saves; strop casts only the norms, whose small
     weights matter for stability. With gradient checkpointing, the embeddings' output is made
-    to require gradients: every base weight is frozen, so a checkpointed block would otherwise
-    see no input that needs a gradient and skip the backward pass through its LoRA weights.
+    to require gradients: every base weight is frozen, so a reentrant checkpointed block would
+    otherwise see no input that needs a gradient and skip the backward pass through its LoRA
+    weights. (transformers 5's gradient_checkpointing_enable does the same; doing it here keeps
+    the preparation complete whatever turns checkpointing on.)
     """
     import torch
 

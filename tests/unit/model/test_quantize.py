@@ -70,7 +70,7 @@ def test_kbit_preparation_keeps_norms_fp32_and_embeddings_in_their_dtype(tiny_mo
 # ------------------------------------------------------------------ gradients vs a dequantized reference
 
 
-def _four_bit_and_reference(base):
+def _four_bit_and_reference(base, device="cpu"):
     """The QLoRA model, and a full-precision model whose linear weights are exactly the 4-bit
     weights dequantized, both with the same (non-zero) LoRA weights."""
     import bitsandbytes as bnb
@@ -82,8 +82,8 @@ def _four_bit_and_reference(base):
 
     tok = AutoTokenizer.from_pretrained(base)
     cfg = qlora_cfg(base)
-    quantized = load_model(cfg, tok, "cpu", torch.float32)
-    reference = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    quantized = load_model(cfg, tok, device, torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device)
     for name, module in quantized.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
@@ -118,9 +118,14 @@ def _worst_relative_error(got, want):
     return max(((got[n] - want[n]).norm() / want[n].norm()).item() for n in want)
 
 
-def test_qlora_gradients_match_dequantized_reference_across_train_eval_train(tiny_model_dir):
-    qlora, reference = _four_bit_and_reference(tiny_model_dir("llama"))
-    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, GPU])])
+def test_qlora_gradients_match_dequantized_reference_across_train_eval_train(tiny_model_dir,
+                                                                             device):
+    qlora, reference = _four_bit_and_reference(tiny_model_dir("llama"), device)
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1)).to(device)
     errors = []
     for _ in range(3):  # train -> eval -> train -> eval -> train
         errors.append(_worst_relative_error(_lora_grads(qlora, ids), _lora_grads(reference, ids)))
@@ -151,3 +156,50 @@ def test_bitsandbytes_cpu_repack_still_breaks_lora_gradients(tiny_model_dir):
     assert repacked and after > 0.5, (
         f"bitsandbytes {bnb.__version__} now trains correctly after its CPU repack (gradient "
         f"error {after:.3f}); remove strop.model.quantize.keep_4bit_weights_trainable")
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_qlora_gives_the_same_gradients(tiny_model_dir, reentrant):
+    """Every base weight is frozen, so a reentrant checkpoint would see no input needing a
+    gradient and skip its LoRA weights unless the embeddings' output requires one."""
+    from transformers import AutoTokenizer
+
+    from strop.adapters.lora import apply_lora
+    from strop.model.load import load_model
+
+    base = tiny_model_dir("llama")
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for checkpointing in (False, True):
+        cfg = qlora_cfg(base, gradient_checkpointing=checkpointing)
+        model = load_model(cfg, AutoTokenizer.from_pretrained(base), "cpu", torch.float32)
+        model, _ = apply_lora(model, cfg)
+        torch.manual_seed(0)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.05)
+                torch.nn.init.normal_(model.get_parameter(name.replace("lora_B", "lora_A")))
+        if checkpointing:
+            model.get_base_model().gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        grads.append(_lora_grads(model, ids))
+    assert _worst_relative_error(grads[1], grads[0]) < 1e-5
+
+
+def test_8bit_lora_gradients_survive_an_evaluation_pass(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from strop.adapters.lora import apply_lora
+    from strop.model.load import load_model
+
+    base = tiny_model_dir("llama")
+    cfg = load_dict(dict(base_model=str(base), datasets=DATA, learning_rate=1e-4, adapter="lora",
+                         load_in_8bit=True, lora_target_linear=True, bf16=False)).cfg
+    model, _ = apply_lora(load_model(cfg, AutoTokenizer.from_pretrained(base)), cfg)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
+    before = _lora_grads(model, ids)
+    _evaluate(model, ids)
+    assert _worst_relative_error(_lora_grads(model, ids), before) < 1e-5
