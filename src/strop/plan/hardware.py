@@ -96,8 +96,9 @@ def measure_cpu_matmul(dtype_bytes: int = 2, size: int = 512, seconds: float = 0
     import torch
 
     dtype = torch.bfloat16 if dtype_bytes == 2 else torch.float32
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
+    generator = torch.Generator().manual_seed(0)  # never the global one: runs must not shift
+    a = torch.randn(size, size, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, dtype=dtype, generator=generator)
     torch.matmul(a, b)  # first call selects and compiles the kernel
     runs, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -127,3 +128,19 @@ def this_cpu(bf16: bool, measure: bool = True) -> Device:
     return Device(name=f"this CPU ({caps.cpu_name}, {os.cpu_count()} cores)", kind="cpu",
                   memory_bytes=cpu_memory_bytes(), bf16_flops=low, fp16_flops=None,
                   fp32_flops=fp32, prices={})
+
+
+def device_peak_flops(device: str, precision: str) -> float | None:
+    """Peak FLOP/s of the device a run trains on, for its MFU figure: the table's dense peak
+    for a known GPU (matched by name), this CPU's measured matmul rate, None when unknown."""
+    compute_bytes = 4 if precision == "fp32" else 2
+    if device == "cuda":
+        import torch
+
+        name = torch.cuda.get_device_name().lower()
+        for gpu in gpu_table({}).values():
+            words = gpu.name.lower().replace("gb", "").split()
+            if all(word in name for word in words):
+                return gpu.peak_flops(compute_bytes, fp16=precision == "fp16")
+        return None
+    return this_cpu(bf16=compute_bytes == 2).peak_flops(compute_bytes)

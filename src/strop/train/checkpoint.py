@@ -146,13 +146,18 @@ def _is_tied_copy(model: nn.Module, key: str, state: dict[str, torch.Tensor]) ->
 
 def load_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, adapter: bool,
                     scaler=None) -> TrainerState:
+    """Weights, optimizer, scheduler and trainer state; the RNG state is restored separately
+    (`restore_rng`), as the very last step of setup, so nothing drawn after it shifts dropout."""
     load_weights(model, directory, adapter)
     optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
     if scaler is not None and (directory / "scaler.pt").exists():
         scaler.load_state_dict(torch.load(directory / "scaler.pt"))
-    set_rng_state(torch.load(directory / "rng.pt", weights_only=False))
     return TrainerState.from_file(directory / STATE_FILE)
+
+
+def restore_rng(directory: Path) -> None:
+    set_rng_state(torch.load(directory / "rng.pt", weights_only=False))
 
 
 def prune(output_dir: Path, limit: int | None, keep: set[str]) -> list[Path]:

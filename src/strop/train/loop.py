@@ -174,7 +174,7 @@ def setup(loaded: LoadedConfig, overwrite: bool = False) -> Run:
                                      trainable_params=trainable, total_params=total)
     eval_every = _every(steps_per_epoch, cfg.eval_steps, cfg.evals_per_epoch) \
         if eval_plan is not None else None
-    return Run(cfg=cfg, config_text=render_resolved(loaded), out=out, precision=precision,
+    run = Run(cfg=cfg, config_text=render_resolved(loaded), out=out, precision=precision,
                tokenizer=tokenizer, loss_model=loss_model, data=data, train_plan=train_plan,
                eval_plan=eval_plan, collate=make_collator(cfg, tokenizer),
                optimizer=optimizer, scheduler=scheduler, scaler=scaler,
@@ -183,6 +183,11 @@ def setup(loaded: LoadedConfig, overwrite: bool = False) -> Run:
                log_every=cfg.logging_steps or max(total_steps // 100, 1),
                flops_per_token=flops, peak_flops=_peak_flops(precision), state=state,
                resumed_from=resume_dir, trainable_params=trainable, total_params=total)
+    if resume_dir is not None:
+        # Last: anything above may draw random numbers (adapter init, a matmul benchmark);
+        # the next step must see exactly the generators the interrupted run had.
+        ckpt.restore_rng(resume_dir)
+    return run
 
 
 def _compiled(loss_model: LossModel) -> LossModel:
