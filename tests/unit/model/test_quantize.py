@@ -203,3 +203,14 @@ def test_8bit_lora_gradients_survive_an_evaluation_pass(tiny_model_dir):
     before = _lora_grads(model, ids)
     _evaluate(model, ids)
     assert _worst_relative_error(_lora_grads(model, ids), before) < 1e-5
+
+
+def test_bitsandbytes_import_notice_about_optional_kernels_is_dropped():
+    import subprocess
+    import sys
+
+    # A fresh interpreter: bitsandbytes logs the notice once, at its first import.
+    code = "import strop.model, peft, bitsandbytes; print(bitsandbytes.__version__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() and "kernels-community" not in done.stderr, done.stderr
