@@ -104,6 +104,9 @@ def inspect_target(target: str | Path, every_layer: bool = False,
     objective = cfg.objective if cfg else _objective_of(hf_config)
     model = _meta_model(hf_config, objective)
     result = describe(model, hf_config, text, every_layer)
+    if cfg is not None and cfg.from_scratch:
+        result.notes.append("a model built from scratch: its vocabulary is sized to the tokenizer "
+                            "when training starts, so the embedding counts above may change")
     if cfg is not None and cfg.uses_lora:
         result.lora = lora_estimate(model, cfg)
     else:

@@ -210,8 +210,12 @@ def scratch_config(cfg: StropConfig, tokenizer: Any) -> PretrainedConfig:
     from strop.model.meta import resolve_model_config
 
     hf_config = resolve_model_config(cfg)
-    explicit_vocab = "vocab_size" in cfg.model_config_dict
-    if not explicit_vocab or hf_config.vocab_size < len(tokenizer):
+    explicit_vocab = cfg.model_config_dict.get("vocab_size")
+    if explicit_vocab and explicit_vocab < len(tokenizer):
+        _warn(f"model_config.vocab_size {explicit_vocab} is smaller than the tokenizer's "
+              f"{len(tokenizer)} tokens; using {len(tokenizer)}")
+    if not explicit_vocab or explicit_vocab < len(tokenizer):
+        # A larger explicit vocab_size (padded to a multiple of 64 for speed) is kept.
         hf_config.vocab_size = len(tokenizer)
     for role in ("pad", "bos", "eos"):
         token_id = getattr(tokenizer, f"{role}_token_id", None)

@@ -98,6 +98,18 @@ def test_qlora_merges_into_the_full_precision_base_not_dequantized_weights(tiny_
     assert torch.allclose(logits(merged, IDS), logits(reference, IDS), atol=1e-4)
 
 
+@pytest.mark.parametrize("keys", [{"peft_use_dora": True}, {"peft_use_rslora": True}],
+                         ids=["dora", "rslora"])
+def test_dora_and_rslora_merges_pass_verification(tiny_model_dir, tmp_path, keys):
+    from transformers import AutoModelForCausalLM
+
+    run, adapter_model = make_run(tmp_path, tiny_model_dir("llama"), **keys)
+    result = merge_adapter(run, tmp_path / "merged")
+    assert result.passed and result.max_abs_diff < 1e-4
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert torch.allclose(logits(merged, IDS), logits(adapter_model, IDS), atol=1e-4)
+
+
 def test_a_merge_that_fails_verification_is_not_written_unless_forced(tiny_model_dir, tmp_path,
                                                                      monkeypatch):
     import strop.adapters.merge as merge

@@ -22,7 +22,8 @@ def cfg_of(**kw):
 def scratch_cfg(family, **kw):
     sizes = dict(n_embd=64, n_layer=2, n_head=4) if family == "gpt2" else \
         {k: v for k, v in TINY_SIZES.items() if family != "bert" or k != "num_key_value_heads"}
-    return cfg_of(model_config={"model_type": family, **sizes}, pretrain_tokenizer={"type": "bpe"},
+    model_config = kw.pop("model_config", {"model_type": family, **sizes})
+    return cfg_of(model_config=model_config, pretrain_tokenizer={"type": "bpe"},
                   **({"objective": "masked_lm"} if family == "bert" else {}), **kw)
 
 
@@ -159,3 +160,13 @@ def test_load_in_4bit_quantizes_linears_and_keeps_them_trainable(tiny_model_dir)
     assert len(layers) == 14  # 7 per block; the output head stays in full precision
     assert not any(layer.support_avx512bf16_for_cpu for layer in layers)
     assert layers[0].weight.quant_type == "nf4"
+
+
+def test_model_config_vocab_smaller_than_the_tokenizer_grows_with_a_warning(tok):
+    with pytest.warns(UserWarning, match="vocab_size 100 is smaller than the tokenizer's"):
+        model = load_model(scratch_cfg("llama", model_config={
+            "model_type": "llama", **TINY_SIZES, "vocab_size": 100}), tok)
+    assert model.config.vocab_size == len(tok)
+    padded = load_model(scratch_cfg("llama", model_config={
+        "model_type": "llama", **TINY_SIZES, "vocab_size": 1024}), tok)
+    assert padded.config.vocab_size == 1024  # a padded vocabulary is kept

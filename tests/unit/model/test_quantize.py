@@ -70,7 +70,7 @@ def test_kbit_preparation_keeps_norms_fp32_and_embeddings_in_their_dtype(tiny_mo
 # ------------------------------------------------------------------ gradients vs a dequantized reference
 
 
-def _four_bit_and_reference(base, device="cpu"):
+def _four_bit_and_reference(base, device="cpu", compute="float32"):
     """The QLoRA model, and a full-precision model whose linear weights are exactly the 4-bit
     weights dequantized, both with the same (non-zero) LoRA weights."""
     import bitsandbytes as bnb
@@ -81,7 +81,7 @@ def _four_bit_and_reference(base, device="cpu"):
     from strop.model.load import load_model
 
     tok = AutoTokenizer.from_pretrained(base)
-    cfg = qlora_cfg(base)
+    cfg = qlora_cfg(base, bnb_4bit_compute_dtype=compute)
     quantized = load_model(cfg, tok, device, torch.float32)
     reference = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device)
     for name, module in quantized.named_modules():
@@ -122,9 +122,12 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, GPU])])
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
 def test_qlora_gradients_match_dequantized_reference_across_train_eval_train(tiny_model_dir,
-                                                                             device):
-    qlora, reference = _four_bit_and_reference(tiny_model_dir("llama"), device)
+                                                                             device, compute):
+    # fp32 compute matches the fp32 reference exactly; bf16 compute (the default with bf16 on)
+    # is within rounding, about 0.8% on this model.
+    qlora, reference = _four_bit_and_reference(tiny_model_dir("llama"), device, compute)
     ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1)).to(device)
     errors = []
     for _ in range(3):  # train -> eval -> train -> eval -> train
@@ -203,3 +206,14 @@ def test_8bit_lora_gradients_survive_an_evaluation_pass(tiny_model_dir):
     before = _lora_grads(model, ids)
     _evaluate(model, ids)
     assert _worst_relative_error(_lora_grads(model, ids), before) < 1e-5
+
+
+def test_bitsandbytes_import_notice_about_optional_kernels_is_dropped():
+    import subprocess
+    import sys
+
+    # A fresh interpreter: bitsandbytes logs the notice once, at its first import.
+    code = "import strop.model, peft, bitsandbytes; print(bitsandbytes.__version__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() and "kernels-community" not in done.stderr, done.stderr
