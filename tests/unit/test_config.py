@@ -237,6 +237,7 @@ RULES = [
     ("save_safetensors: false\n", "safetensors"),
     ("val_set_size: 2.5\n", "neither a fraction"),
     ("sgd_nesterov: true\noptimizer: sgd\n", "needs sgd_momentum"),
+    ("objective: masked_lm\nsample_packing: true\n", "masked LM attends both ways"),
 ]
 
 

@@ -70,6 +70,11 @@ def _model(cfg: StropConfig) -> list[Violation]:
     elif len(legacy) > 1:
         out.append(Violation(tuple(legacy), f"{' and '.join(legacy)} both choose the attention "
                              "kernel; keep one (or use attn_implementation)"))
+    if cfg.objective == "masked_lm" and cfg.sample_packing:
+        out.append(Violation(("sample_packing",), "sample_packing packs documents causally; a "
+                             "masked LM attends both ways, so packed documents would see each "
+                             "other: remove sample_packing (pretraining text is already cut into "
+                             "sequence_len blocks)"))
     if cfg.chat_template and cfg.chat_template != "jinja" and cfg.chat_template_jinja:
         out.append(Violation(("chat_template", "chat_template_jinja"), "chat_template_jinja gives "
                              "a custom template, so chat_template must be jinja or left out"))

@@ -139,10 +139,10 @@ def setup(loaded: LoadedConfig, overwrite: bool = False) -> Run:
         model, report = apply_lora(model, cfg)
         print(report.render(), flush=True)
     if cfg.gradient_checkpointing:
+        # transformers also makes the embeddings' output require grad, which checkpointed
+        # blocks need when every base weight is frozen (LoRA).
         unwrap(model).gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": cfg.checkpointing_reentrant})
-        if cfg.uses_lora:  # frozen embeddings give no grad to checkpoint through otherwise
-            unwrap(model).enable_input_require_grads()
     loss_model = LossModel.of(model, cfg.objective)
     if cfg.compile_model:
         loss_model = _compiled(loss_model)
