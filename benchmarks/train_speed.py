@@ -39,36 +39,37 @@ def prepare(work: Path, rows: int) -> dict:
     return {"model": str(model_dir), "train": str(train), "eval": str(evals)}
 
 
-def alpaca_pairs(path: str, tokenizer) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids) exactly as strop's alpaca format builds them."""
-    from strop.data.formats import alpaca_prompt  # the one definition of the alpaca prompt
-
-    pairs = []
-    for line in Path(path).read_text().splitlines():
-        row = json.loads(line)
-        prompt = alpaca_prompt(row["instruction"], row.get("input", ""))
-        p = tokenizer(prompt)["input_ids"]
-        r = tokenizer(row["output"], add_special_tokens=False)["input_ids"] + \
-            [tokenizer.eos_token_id]
-        pairs.append((p, r))
-    return pairs
-
-
-def run_strop(paths: dict, out: Path, bf16: bool) -> dict:
+def strop_config(paths: dict, out: Path, bf16: bool = True, packing: bool = True):
     from strop.config import load_dict
-    from strop.train.loop import train
 
-    cfg = load_dict({
+    return load_dict({
         "base_model": paths["model"], "datasets": [{"path": paths["train"], "type": "alpaca"}],
         "test_datasets": [{"path": paths["eval"], "type": "alpaca"}],
         "adapter": "lora", "lora_r": LORA["r"], "lora_alpha": LORA["alpha"],
-        "lora_target_linear": True, "sequence_len": SEQ, "sample_packing": True,
+        "lora_target_linear": True, "sequence_len": SEQ, "sample_packing": packing,
         "micro_batch_size": MICRO, "gradient_accumulation_steps": ACCUM, "num_epochs": 1,
         "learning_rate": LR, "lr_scheduler": "cosine", "optimizer": "adamw_torch_fused",
         "bf16": "auto" if bf16 else False, "output_dir": str(out), "logging_steps": 1,
-        "shuffle_merged_datasets": False, "seed": 0,
+        "seed": 0, "dataset_prepared_path": str(out.parent / "prepared"),
     })
-    summary = train(cfg, overwrite=True)
+
+
+def token_rows(paths: dict) -> tuple[list, list]:
+    """(train rows, eval rows) as strop tokenizes them, unpacked: every contender trains on
+    exactly these tokens and is scored on exactly those."""
+    from strop.data import prepare_data
+    from strop.model.tokenizer import load_tokenizer
+
+    loaded = strop_config(paths, Path(paths["model"]).parent / "rows", packing=False)
+    data = prepare_data(loaded.cfg, load_tokenizer(loaded.cfg))
+    return [data.train[i] for i in range(len(data.train))], \
+        [data.eval[i] for i in range(len(data.eval))]
+
+
+def run_strop(paths: dict, out: Path, bf16: bool) -> dict:
+    from strop.train.loop import train
+
+    summary = train(strop_config(paths, out, bf16=bf16), overwrite=True)
     return {"train_seconds": summary["train_seconds"], "adapter": str(out)}
 
 
@@ -79,13 +80,12 @@ def run_trl(paths: dict, out: Path, best: bool) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     tok = AutoTokenizer.from_pretrained(paths["model"])
-    pairs = alpaca_pairs(paths["train"], tok)
-    # Pre-tokenized prompt/completion rows: TRL then trains on the completion only, on exactly
-    # the tokens strop trains on.
-    data = Dataset.from_list([{"prompt_ids": p, "completion_ids": r,
-                               "input_ids": (p + r)[:SEQ],
-                               "completion_mask": ([0] * len(p) + [1] * len(r))[:SEQ]}
-                              for p, r in pairs])
+    train_rows, _ = token_rows(paths)
+    # Pre-tokenized rows with a completion mask: TRL then trains on exactly the tokens strop
+    # trains on.
+    data = Dataset.from_list([{"input_ids": r["input_ids"],
+                               "completion_mask": [int(x != -100) for x in r["labels"]]}
+                              for r in train_rows])
     model = AutoModelForCausalLM.from_pretrained(paths["model"])
     args = SFTConfig(output_dir=str(out), per_device_train_batch_size=MICRO,
                      gradient_accumulation_steps=ACCUM, num_train_epochs=1, learning_rate=LR,
@@ -107,31 +107,25 @@ def eval_loss(paths: dict, adapter: str) -> float:
     """Token-weighted eval loss of base + adapter on the held-out rows, full fp32 logits."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(paths["model"])
+    from strop.train.loss import reference_loss_sum
+
+    _, eval_rows = token_rows(paths)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(paths["model"]), adapter)
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for p, r in alpaca_pairs(paths["eval"], tok):
-            ids = torch.tensor([(p + r)[:SEQ]])
-            labels = torch.tensor([([-100] * len(p) + r)[:SEQ]])
-            logits = model(ids).logits[:, :-1].float()
-            target = labels[:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                     target.reshape(-1), ignore_index=-100,
-                                                     reduction="sum")
-            total += float(loss)
-            count += int((target != -100).sum())
+        for row in eval_rows:
+            ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
+            total += float(reference_loss_sum(model(ids).logits, labels))
+            count += int((labels[:, 1:] != -100).sum())
     return total / count
 
 
 def trained_tokens(paths: dict) -> int:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(paths["model"])
-    return sum(max(min(len(p) + len(r), SEQ) - len(p), 0) for p, r in alpaca_pairs(paths["train"], tok))
+    train_rows, _ = token_rows(paths)
+    return sum(sum(1 for x in r["labels"][1:] if x != -100) for r in train_rows)
 
 
 CONTENDERS = {

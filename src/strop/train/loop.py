@@ -9,6 +9,7 @@ Modes differ only in what `setup` builds (a fresh or pretrained model, an adapte
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -305,9 +306,10 @@ def fit(run: Run) -> dict[str, Any]:
                 f"on {run.precision.device}")
     run.model.train()
     outcome = Outcome("completed")
+    speedups = _training_speedups(run)
     window_loss, window_tokens, window_trained, window_time = 0.0, 0, 0, 0.0
     try:
-        with GracefulStop() as stop:
+        with GracefulStop() as stop, speedups:
             while state.step < run.total_steps and outcome.reason == "completed":
                 windows = _windows(run, state.epoch)
                 for window in windows[state.window_in_epoch:]:
@@ -350,6 +352,24 @@ def fit(run: Run) -> dict[str, Any]:
     finally:
         log.close()
     return _finish(run, outcome)
+
+
+def _training_speedups(run: Run) -> contextlib.ExitStack:
+    """Settings that make training faster without changing its result, undone afterwards so
+    the saved model and later generation see the model as loaded."""
+    from strop.model.attention import supports_varlen, varlen_attention
+
+    stack = contextlib.ExitStack()
+    hf = unwrap(run.model)
+    if run.loss_model.decoder is not None and supports_varlen(hf.config, run.cfg.sequence_len):
+        stack.enter_context(varlen_attention(hf))
+    if run.cfg.uses_lora and run.precision.compute != torch.float32:
+        # PEFT casts each LoRA input to the adapter's fp32 and autocast casts it back to bf16
+        # for the matmul: two copies of every activation for nothing under autocast.
+        from peft.helpers import disable_input_dtype_casting
+
+        stack.enter_context(disable_input_dtype_casting(run.model))
+    return stack
 
 
 def _check_step(run: Run, loss: float, grad_norm: float) -> Outcome:
