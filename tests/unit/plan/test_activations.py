@@ -61,9 +61,9 @@ def _saved_bytes_of_layer(model, layer_index: int) -> int:
         return tensor
 
     ids = torch.randint(0, SIZES["vocab_size"], (B, T))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            model(input_ids=ids, labels=ids)
+    with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+          torch.autocast("cpu", dtype=torch.bfloat16)):
+        model(input_ids=ids, labels=ids)
     return sum(n for w, n in seen.values() if w == layer_index)
 
 
