@@ -27,11 +27,18 @@ MiB = 2**20
 GiB = 2**30
 
 # What the framework itself takes once training runs, beyond tensors.
-# CPU: the resident-set growth of a training step on a model too small to matter (hidden 8,
-# one layer, 8 tokens), measured on torch 2.13 CPU with `python benchmarks/plan_accuracy.py
-# --overhead`: code pages of the forward/backward/optimizer kernels, oneDNN and OpenMP state and
-# glibc arenas. It depends little on model size.
-CPU_FRAMEWORK_BYTES = 14 * MiB
+# CPU: the resident-set growth of training a model too small to matter (hidden 8, one layer,
+# 8 tokens), measured on torch 2.13 CPU with `python benchmarks/plan_accuracy.py --overhead`:
+# code pages of the forward/backward/optimizer kernels, oneDNN and OpenMP state, the Python
+# objects of the model and PEFT's wrappers, bitsandbytes' 4-bit kernels. Checkpointing's
+# recompute machinery adds a little.
+CPU_FRAMEWORK_BYTES = {"full": 18 * MiB, "lora": 21 * MiB, "qlora": 23 * MiB, "lora8": 23 * MiB}
+CPU_CHECKPOINTING_BYTES = 4 * MiB
+# oneDNN caches each bf16/fp32 GEMM it builds (JIT code and its buffers), one per distinct shape
+# and direction (forward, input gradient, weight gradient): about 0.55 MiB each on this CPU
+# (measured by timing resident growth as new matmul shapes run). The nano model above is too
+# small to use them, so they come on top.
+CPU_GEMM_CACHE_BYTES = 0.55 * MiB
 # CUDA: the context and loaded kernels (about 500 MiB on Hopper with lazy module loading) and
 # cuBLAS workspaces; torch.cuda.max_memory_allocated does not see the context, nvidia-smi does.
 CUDA_CONTEXT_BYTES = 512 * MiB
@@ -157,6 +164,17 @@ def _layer_of(name: str) -> int | None:
     return None
 
 
+def distinct_gemms(shape: ModelShape, params: ParamCounts, setup: Setup) -> int:
+    """How many distinct matmuls a training step runs: each linear shape once forward, once for
+    the input gradient, and once for the weight gradient when it trains."""
+    d, q, kv, inter = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
+    base = {(d, q), (d, kv), (q, d), (d, inter), (inter, d), (d, shape.vocab)}
+    lora = {(m.in_features, m.rank) for m in params.lora_modules}
+    lora |= {(m.rank, m.out_features) for m in params.lora_modules}
+    per_base = 3 if setup.mode == "full" else 2
+    return per_base * len(base) + 3 * len(lora)
+
+
 def estimate_memory(shape: ModelShape, params: ParamCounts, setup: Setup) -> MemoryEstimate:
     """Peak bytes per device and the items live at that moment."""
     world = max(setup.world_size, 1)
@@ -184,7 +202,10 @@ def estimate_memory(shape: ModelShape, params: ParamCounts, setup: Setup) -> Mem
     held_copies, forward_copies = autocast_copy_bytes(params, setup)
     acts = activation_bytes(shape, params, setup)
     if setup.device == "cpu":
-        framework = {"framework": float(CPU_FRAMEWORK_BYTES)}
+        gemms = distinct_gemms(shape, params, setup) * CPU_GEMM_CACHE_BYTES
+        recompute_code = CPU_CHECKPOINTING_BYTES if setup.gradient_checkpointing else 0
+        framework = {"gemm_kernel_cache": gemms,
+                     "framework": float(CPU_FRAMEWORK_BYTES[setup.mode] + recompute_code)}
     else:
         framework = {"cuda_context": float(CUDA_CONTEXT_BYTES),
                      "framework": float(CUDA_WORKSPACE_BYTES)}

@@ -296,8 +296,11 @@ def render_text(plan: dict[str, Any]) -> str:
         unit = "" if row["hours"] is not None else "/M tok"
         cost = ", ".join(f"{k} ${v:,.2f}{unit}" for k, v in sorted(costs.items(), key=lambda kv: kv[1]))
         name = row["device"] if row["count"] == 1 else f"{row['count']} x {row['device']}"
-        lines.append(f"{name[:34]:<34} {fit:<18} {row['tokens_per_second']:>10,.0f} "
-                     f"{_hours(row['hours']):>9}  {cost or '-'}")
+        speed = row["tokens_per_second"]
+        when = (_hours(row["hours"]) if row["hours"] is not None
+                else _hours(1e6 / speed / 3600) + "/M")
+        lines.append(f"{name[:34]:<34} {fit:<18} {speed:>10,.{0 if speed >= 100 else 1}f} "
+                     f"{when:>9}  {cost or '-'}")
     cheap = plan["cheapest"]
     lines.append("")
     if cheap:

@@ -1,0 +1,102 @@
+"""How close `strop plan` comes to reality: predicted vs measured peak memory and throughput.
+
+For tiny Llama models of several sizes, trained full, LoRA and QLoRA, each with and without
+gradient checkpointing, it predicts the peak memory (strop.plan) and measures it in a fresh
+process (strop.plan.measure: peak resident-set growth on CPU, max_memory_allocated on CUDA),
+then prints the table. Targets (issue 6): memory within +-10%, CPU throughput within +-25%.
+
+    .venv/bin/python benchmarks/plan_accuracy.py            # the full matrix (a few minutes)
+    .venv/bin/python benchmarks/plan_accuracy.py --sizes s  # one size
+    .venv/bin/python benchmarks/plan_accuracy.py --overhead # the CPU framework overhead
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from strop.config.load import load_dict
+from strop.plan.estimate import flops_per_token, model_facts, setup_for
+from strop.plan.hardware import measure_cpu_matmul
+from strop.plan.measure import Case, run_case
+from strop.plan.memory import estimate_memory
+from strop.plan.report import CPU_MFU
+
+MiB = 2**20
+
+# Tiny Llama shapes: large enough that tensors, not the framework, dominate the peak.
+SIZES = {
+    "s": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+              num_key_value_heads=4, vocab_size=8000),
+    "m": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
+              num_key_value_heads=2, vocab_size=12000),
+    "l": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+              num_key_value_heads=4, vocab_size=16000),
+}
+NANO = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, vocab_size=32)
+
+
+def llama(sizes: dict) -> dict:
+    return {"model_type": "llama", "max_position_embeddings": 2048, **sizes}
+
+
+def predict(case: Case, device: str = "cpu") -> tuple[float, float]:
+    """(predicted peak bytes, predicted tokens/s on this CPU) for a harness case."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_dict(case.strop_config(Path(tmp) / "config.json")).cfg
+        facts = model_facts(cfg)
+    setup = setup_for(cfg, device, bf16_supported=case.bf16)
+    memory = estimate_memory(facts.shape, facts.params, setup)
+    peak = measure_cpu_matmul(2 if case.bf16 else 4)
+    tokens_per_second = peak * CPU_MFU / flops_per_token(facts, setup)
+    return memory.total, tokens_per_second
+
+
+def matrix(sizes: list[str], modes: list[str], seq_len: int, micro_batch: int) -> list[Case]:
+    return [Case(name=f"{size}-{mode}-{'gc' if gc else 'nogc'}", model_config=llama(SIZES[size]),
+                 mode=mode, gradient_checkpointing=gc, seq_len=seq_len, micro_batch=micro_batch)
+            for size in sizes for mode in modes for gc in (False, True)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="s,m,l")
+    parser.add_argument("--modes", default="full,lora,qlora")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--overhead", action="store_true",
+                        help="measure the CPU framework overhead on a nano model, per mode")
+    args = parser.parse_args(argv)
+    if args.overhead:
+        for mode in args.modes.split(","):
+            for gc in (False, True):
+                case = Case(name=f"nano-{mode}", model_config=llama(NANO), mode=mode,
+                            gradient_checkpointing=gc, seq_len=8, micro_batch=1)
+                got = run_case(case)
+                print(f"{case.name:<12} gc={gc!s:<5} peak growth {got['peak_rss_growth'] / MiB:6.1f} MiB")
+        return 0
+    print(f"{'case':<16} {'predicted':>10} {'measured':>10} {'error':>7}   "
+          f"{'pred tok/s':>10} {'meas tok/s':>10} {'error':>7}")
+    worst_memory = worst_speed = 0.0
+    for case in matrix(args.sizes.split(","), args.modes.split(","), args.seq_len,
+                       args.micro_batch):
+        predicted, predicted_speed = predict(case)
+        got = run_case(case)
+        measured = got["peak_rss_growth"]
+        memory_error = (predicted - measured) / measured
+        speed_error = (predicted_speed - got["tokens_per_second"]) / got["tokens_per_second"]
+        worst_memory = max(worst_memory, abs(memory_error))
+        worst_speed = max(worst_speed, abs(speed_error))
+        print(f"{case.name:<16} {predicted / MiB:>8.1f}Mi {measured / MiB:>8.1f}Mi "
+              f"{memory_error:>+7.1%}   {predicted_speed:>10.0f} {got['tokens_per_second']:>10.0f} "
+              f"{speed_error:>+7.1%}", flush=True)
+    print(f"worst memory error {worst_memory:.1%} (target 10%); "
+          f"worst CPU throughput error {worst_speed:.1%} (target 25%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""`strop plan` as a user runs it: every shipped example offline, JSON keys, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((REPO / "examples").glob("*.yml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_plans_offline(path, cli):
+    result = cli("plan", path, "--gpu", "H100", "--json")
+    assert result.code == 0, result.err
+    plan = json.loads(result.out)
+    assert plan["params"]["total"] >= plan["params"]["trainable"] > 0
+    assert plan["memory"]["total_bytes"] == pytest.approx(sum(plan["memory"]["items"].values()),
+                                                          rel=1e-3)
+    assert "tokens_per_epoch" in plan["compute"] and "flops_total" in plan["compute"]
+
+
+def test_mistral_qlora_text_report(cli):
+    result = cli("plan", REPO / "examples" / "mistral-7b-qlora.yml")
+    assert result.code == 0, result.err
+    out = result.out
+    assert "total 7.24B" in out and "NF4 4.127 bits/param" in out
+    assert "RTX 4090" in out and "this CPU" in out and "cheapest that fits:" in out
+
+
+def test_tokens_and_flops_from_a_local_dataset(cli, write_yaml, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": "word " * 60, "output": "ok"}) + "\n"
+                            for _ in range(300)))
+    cfg = write_yaml(f"""
+base_model: Qwen/Qwen2.5-0.5B
+datasets: [{{path: {data}, type: alpaca}}]
+learning_rate: 2e-5
+sequence_len: 1024
+sample_packing: true
+num_epochs: 2
+""")
+    plan = json.loads(cli("plan", cfg, "--gpu", "a100-80gb", "--json").out)
+    compute = plan["compute"]
+    assert compute["tokens_per_epoch"] % 1024 == 0 and compute["tokens_per_epoch"] > 0
+    assert compute["tokens_total"] == 2 * compute["tokens_per_epoch"]
+    assert compute["flops_total"] == pytest.approx(compute["tokens_total"] * compute["flops_per_token"],
+                                                   rel=1e-3)
+    row = plan["devices"][0]
+    assert row["device"] == "A100 80GB" and row["fits"] and row["hours"] > 0
+    assert set(row["cost"]) >= {"RunPod", "Lambda", "AWS"}
+
+
+def test_nothing_fits_suggests_knobs_with_new_estimates(cli, write_yaml):
+    cfg = write_yaml("""
+base_model: meta-llama/Llama-2-13b-hf
+datasets: [{path: remote/data, type: alpaca}]
+learning_rate: 2e-5
+sequence_len: 4096
+micro_batch_size: 4
+""")
+    result = cli("plan", cfg, "--gpu", "T4")
+    assert result.code == 0, result.err
+    assert "nothing fits" in result.out
+    assert "gradient_checkpointing: true" in result.out and "adapter: qlora" in result.out
+    plan = json.loads(cli("plan", cfg, "--gpu", "T4", "--json").out)
+    changes = {s["change"]: s for s in plan["suggestions"]}
+    assert changes["all of the above"]["total_bytes"] < plan["memory"]["total_bytes"]
+
+
+def test_own_price_table(cli, write_yaml, tmp_path):
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"date": "2030-01", "prices": {"L4": {"MyCloud": 0.01}}}))
+    result = cli("plan", REPO / "examples" / "llama-3.2-1b-lora.yml", "--gpu", "L4",
+                 "--prices", prices, "--json")
+    plan = json.loads(result.out)
+    assert plan["prices"]["date"] == "2030-01"
+    assert list(plan["devices"][0]["cost_per_million_tokens"]) == ["MyCloud"]
+
+
+def test_unknown_gpu_lists_the_known_ones(cli):
+    result = cli("plan", REPO / "examples" / "qwen2.5-0.5b-full.yml", "--gpu", "V100")
+    assert result.code == 2
+    line = result.err.strip()
+    assert "--gpu V100: unknown GPU" in line and "H100 80GB" in line and "T4" in line
+    assert len(line.splitlines()) == 1
+
+
+def test_unresolvable_base_model_names_it_and_suggests_a_local_path(cli, write_yaml):
+    cfg = write_yaml("""
+base_model: nobody/unknown-model-7b
+datasets: [{path: d.jsonl, type: alpaca}]
+learning_rate: 2e-5
+""")
+    result = cli("plan", cfg, "--gpu", "H100")
+    assert result.code == 2
+    line = result.err.strip()
+    assert "nobody/unknown-model-7b" in line and "local model directory" in line
+    assert len(line.splitlines()) == 1
+
+
+def test_world_size_and_fsdp(cli):
+    path = REPO / "examples" / "qwen2.5-0.5b-full.yml"
+    one = json.loads(cli("plan", path, "--gpu", "L4", "--json").out)
+    sharded = json.loads(cli("plan", path, "--gpu", "L4", "--world-size", "4",
+                             "--sharding", "fsdp", "--json").out)
+    assert sharded["memory"]["total_bytes"] < one["memory"]["total_bytes"]
+    assert sharded["devices"][0]["count"] == 4

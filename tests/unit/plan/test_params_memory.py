@@ -1,0 +1,105 @@
+"""Parameter counts on meta models, the offline config table, and the memory items."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from strop.config.load import load_dict
+from strop.plan.estimate import model_facts, setup_for
+from strop.plan.memory import estimate_memory, with_setup
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _cfg(**keys):
+    base = {"datasets": [{"path": "d.jsonl", "type": "alpaca"}], "learning_rate": 1e-4}
+    return load_dict({**base, **keys}).cfg
+
+
+@pytest.mark.parametrize("hub_id, total", [
+    ("meta-llama/Llama-3.2-1B", 1_235_814_400),
+    ("mistralai/Mistral-7B-v0.1", 7_241_732_096),
+    ("Qwen/Qwen2.5-0.5B", 494_032_768),
+    ("NousResearch/Llama-2-7b-hf", 6_738_415_616),
+])
+def test_published_parameter_counts_from_the_offline_table(hub_id, total):
+    facts = model_facts(_cfg(base_model=hub_id))
+    assert facts.params.total == total
+    assert facts.params.trainable == total
+
+
+def test_every_shipped_base_model_is_in_the_offline_table():
+    from strop.model.meta import known_configs
+
+    paths = list((REPO / "examples").glob("*.yml")) + list((REPO / "tests/fixtures/axolotl").glob("*.yml"))
+    for path in paths:
+        data = yaml.safe_load(path.read_text())
+        for key in ("base_model", "base_model_config"):
+            if data.get(key):
+                assert data[key].lower() in known_configs(), f"{path.name}: {data[key]}"
+
+
+def test_lora_counts_rank_times_in_plus_out_per_target():
+    cfg = _cfg(base_model="meta-llama/Llama-3.2-1B", adapter="lora", lora_r=16,
+               lora_target_modules=["q_proj", "v_proj"])
+    p = model_facts(cfg).params
+    # q: 2048 -> 2048, v: 2048 -> 512, 16 layers
+    assert p.adapter == 16 * 16 * ((2048 + 2048) + (2048 + 512))
+    assert p.trainable == p.adapter and len(p.lora_modules) == 32
+
+
+def test_qlora_quantizes_every_linear_but_the_head():
+    cfg = _cfg(base_model="mistralai/Mistral-7B-v0.1", adapter="qlora", load_in_4bit=True,
+               lora_target_linear=True, lora_r=32)
+    p = model_facts(cfg).params
+    assert p.quantized == p.total - 2 * 32000 * 4096 - (2 * 32 + 1) * 4096
+    by_dtype = p.by_dtype("qlora", 2)
+    assert by_dtype["nf4"] == p.quantized and by_dtype["float32"] > p.trainable
+
+
+def test_memory_items_add_up_and_knobs_lower_the_peak():
+    cfg = _cfg(base_model="meta-llama/Llama-3.2-1B", sequence_len=2048, micro_batch_size=2)
+    facts = model_facts(cfg)
+    setup = setup_for(cfg, "cuda", True)
+    full = estimate_memory(facts.shape, facts.params, setup)
+    assert sum(full.items.values()) == pytest.approx(full.total)
+    # weights fp32, AdamW two fp32 moments
+    assert full.items["weights"] == 4 * facts.params.total
+    assert full.items["optimizer_states"] == 8 * facts.params.total
+    checkpointed = estimate_memory(facts.shape, facts.params,
+                                   with_setup(setup, gradient_checkpointing=True))
+    assert checkpointed.total < full.total
+    eight_bit = estimate_memory(facts.shape, facts.params, with_setup(setup, optimizer="adamw_8bit"))
+    assert eight_bit.total < full.total
+    shorter = estimate_memory(facts.shape, facts.params, with_setup(setup, seq_len=1024))
+    assert shorter.total < full.total
+
+
+def test_fsdp_shards_and_ddp_adds_buckets():
+    cfg = _cfg(base_model="meta-llama/Llama-3.2-1B", sequence_len=512)
+    facts = model_facts(cfg)
+    one = estimate_memory(facts.shape, facts.params, setup_for(cfg, "cuda", True))
+    ddp = estimate_memory(facts.shape, facts.params, setup_for(cfg, "cuda", True, 4, "ddp"))
+    fsdp = estimate_memory(facts.shape, facts.params, setup_for(cfg, "cuda", True, 4, "fsdp"))
+    assert ddp.total > one.total
+    assert fsdp.total < one.total
+    assert fsdp.phases["optimizer_step"] < one.phases["optimizer_step"] / 2
+
+
+def test_prediction_matches_a_measured_cpu_training_step(tmp_path):
+    """One small case end to end: the harness measures a fresh process, the plan predicts."""
+    from strop.plan.measure import Case, run_case
+
+    case = Case(name="small-lora", mode="lora", seq_len=384, micro_batch=2, steps=2,
+                model_config={"model_type": "llama", "hidden_size": 256,
+                              "intermediate_size": 688, "num_hidden_layers": 4,
+                              "num_attention_heads": 8, "num_key_value_heads": 4,
+                              "vocab_size": 8000, "max_position_embeddings": 1024})
+    cfg = load_dict(case.strop_config(tmp_path / "config.json")).cfg
+    facts = model_facts(cfg)
+    predicted = estimate_memory(facts.shape, facts.params, setup_for(cfg, "cpu", True)).total
+    measured = run_case(case)["peak_rss_growth"]
+    assert abs(predicted - measured) / measured < 0.10, (predicted, measured)
