@@ -1,0 +1,82 @@
+"""The mask-free training attention gives the same hidden states as transformers' own SDPA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from strop.model.attention import document_spans, supports_varlen, varlen_attention
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=100)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def hidden(model, **inputs):
+    return model.model(**inputs, use_cache=False).last_hidden_state
+
+
+def test_document_spans():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    assert document_spans(pos) == [[(0, 3), (3, 5), (5, 6)], [(0, 6)]]
+
+
+def test_packed_rows_match_the_block_diagonal_mask(model):
+    ids = torch.randint(0, 100, (2, 40))
+    pos = torch.cat([torch.arange(15), torch.arange(20), torch.arange(5)])[None].repeat(2, 1)
+    pos[1] = torch.arange(40)  # one row holds a single document
+    with torch.no_grad():
+        want = hidden(model, input_ids=ids, position_ids=pos)
+        with varlen_attention(model):
+            got = hidden(model, input_ids=ids, position_ids=pos)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # ... and each packed document equals that document run alone.
+    with torch.no_grad(), varlen_attention(model):
+        alone = hidden(model, input_ids=ids[:1, 15:35])
+    torch.testing.assert_close(got[:1, 15:35], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_right_padded_rows_match_on_real_tokens(model):
+    ids = torch.randint(0, 100, (2, 30))
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, 18:] = 0
+    with torch.no_grad():
+        want = hidden(model, input_ids=ids, attention_mask=mask)
+        with varlen_attention(model):
+            got = hidden(model, input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-5)
+
+
+def test_gradients_match(model):
+    ids = torch.randint(0, 100, (1, 24))
+    pos = torch.cat([torch.arange(10), torch.arange(14)])[None]
+    grads = []
+    for ctx in (False, True):
+        model.zero_grad()
+        if ctx:
+            with varlen_attention(model):
+                hidden(model, input_ids=ids, position_ids=pos).pow(2).sum().backward()
+        else:
+            hidden(model, input_ids=ids, position_ids=pos).pow(2).sum().backward()
+        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+
+
+def test_the_model_gets_its_own_attention_back(model):
+    with varlen_attention(model):
+        assert model.config._attn_implementation != "sdpa"
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_only_plain_causal_architectures_use_it(model):
+    assert supports_varlen(model.config, 512)
+    gpt2 = AutoConfig.for_model("gpt2")
+    assert not supports_varlen(gpt2, 512)
+    mistral = AutoConfig.for_model("mistral", sliding_window=256)
+    assert not supports_varlen(mistral, 512) and supports_varlen(mistral, 256)
