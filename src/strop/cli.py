@@ -35,7 +35,11 @@ def _not_built(verb: str, issue: str) -> None:
 
 @app.command(context_settings=OVERRIDES)
 def validate(ctx: typer.Context, config: Path = typer.Argument(..., help="YAML config file")):
-    """Check a config and print every resolved key with where its value came from."""
+    """Check a config and print every resolved key with where its value came from.
+
+    Overrides work as for train: strop validate cfg.yml --lora_r 16. Exit status 2 lists
+    every problem with its file and line.
+    """
     from strop.config import load_config
     from strop.config.show import render_resolved
 
@@ -64,7 +68,12 @@ def train(
     config: Path = typer.Argument(..., help="YAML config file"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in output_dir"),
 ):
-    """Train: pretraining, full fine-tuning, LoRA or QLoRA, as the config says."""
+    """Train: pretraining, full fine-tuning, LoRA or QLoRA, as the config says.
+
+    Any config key can be overridden after the file: --lora_r 16 --learning-rate 1e-4.
+    Interrupt with Ctrl-C (or SIGTERM) to save a checkpoint; continue with
+    --resume_from_checkpoint latest.
+    """
     from strop.config import load_config
     from strop.train.loop import train as run_training
 
