@@ -48,7 +48,7 @@ def predict(case: Case, device: str = "cpu") -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_dict(case.strop_config(Path(tmp) / "config.json")).cfg
         facts = model_facts(cfg)
-    setup = setup_for(cfg, device, bf16_supported=case.bf16)
+    setup = setup_for(cfg, device, bf16_supported=case.bf16, hf_config=facts.hf_config)
     memory = estimate_memory(facts.shape, facts.params, setup)
     peak = measure_cpu_matmul(2 if case.bf16 else 4)
     tokens_per_second = peak * CPU_MFU / flops_per_token(facts, setup)

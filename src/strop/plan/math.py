@@ -236,6 +236,25 @@ def logits_peak_bytes(vocab: int, tokens: int, chunk_tokens: int | None = None) 
     return 3.0 * FP32 * vocab * live
 
 
+def fused_loss_bytes(vocab: int, hidden: int, tokens: int, chunk_tokens: int, *,
+                     compute_bytes: int, hidden_bytes: int, head_trainable: bool,
+                     head_weight_bytes: int) -> tuple[float, float]:
+    """(peak while the loss runs, bytes kept for backward) of strop's fused head + loss.
+
+    strop.train.loss scores `chunk_tokens` positions at a time and computes the gradients in the
+    forward pass. In a chunk: the compute-dtype logits, their fp32 copy, the fp32 softmax and its
+    compute-dtype cast, about 10 B per logit with the first freed early; around the chunks: the
+    gathered hidden states, their fp32 gradient, the fp32 head-weight gradient when the head
+    trains, and the head weight cast to the compute dtype when it is stored wider. Kept for
+    backward: only the two gradients.
+    """
+    live = min(tokens, chunk_tokens)
+    kept = FP32 * tokens * hidden + (FP32 * vocab * hidden if head_trainable else 0)
+    cast = compute_bytes * vocab * hidden if head_weight_bytes != compute_bytes else 0
+    peak = 10.0 * live * vocab + hidden_bytes * tokens * hidden + kept + cast
+    return peak, kept
+
+
 def attention_mask_bytes(seq_len: int, micro_batch: int, attention: str, masked: bool,
                          compute_bytes: int) -> float:
     """The 4-D mask transformers builds for padded or packed rows: bool (B, 1, T, T) for SDPA,

@@ -1,17 +1,16 @@
 """Measure a training step's peak memory and throughput, to check the plan against reality.
 
 Each case runs in a fresh Python process (`python -m strop.plan.measure CASE_JSON`), so
-allocator state, code pages and caches of one case never leak into the next. The child builds
-the model from a config with transformers, PEFT and bitsandbytes directly (the storage policy of
-strop.plan.params: trainable fp32, a LoRA base in the compute dtype, a k-bit base with fp32
-non-quantized parameters), then runs `steps` training steps: forward under autocast, loss,
-backward, gradient clipping, optimizer step, zero_grad. When strop's training loop exists,
-`run_case` is the one place to point at `strop train` instead.
+allocator state, code pages and caches of one case never leak into the next. The child writes a
+model directory built from the case's config (stored in the dtype strop loads it in, so loading
+converts nothing), a word-level tokenizer of the model's vocabulary and rows of exactly
+`seq_len` random tokens, then runs `strop train` itself for `steps` steps: what is measured is
+what a user runs.
 
-Memory: on CPU, the growth of the resident set from just before the model is built to its
-high-water mark (VmHWM, reset after the model is built so loading transients do not count); on
-CUDA, torch.cuda.max_memory_allocated. Throughput: trained tokens per second over the steps
-after the first (which pays one-off costs: optimizer state creation, kernel selection).
+Memory: on CPU, the growth of the resident set from just before `strop train` starts to its
+high-water mark (VmHWM), loading, data and saving included; on CUDA,
+torch.cuda.max_memory_allocated. Throughput: tokens per second of the logged steps after the
+first (which pays one-off costs: optimizer state creation, kernel selection).
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,137 +98,73 @@ def _reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def return_freed_memory_promptly() -> bool:
-    """Fix glibc's mmap threshold at 64 KiB so freed tensors go back to the OS at once.
+def _word_tokenizer(vocab: int):
+    """A word-level tokenizer with exactly `vocab` entries ("w3" is id 3), so random token ids
+    can be written as text and read back unchanged by strop's data path."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    By default glibc raises the threshold up to 32 MiB as large blocks are freed; tensors under
-    it then live in the heap, which keeps its high-water mark: the resident set stays far above
-    what is alive (3x on a tiny model, where the logits dominate) and depends on the order of
-    past allocations. With a fixed threshold the resident set follows live tensors, which is what
-    the plan predicts and a laptop user wants. Returns False where there is no glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if sys.platform != "linux" or not name:
-        return False
-    m_mmap_threshold = -3  # from malloc.h
-    return bool(ctypes.CDLL(name).mallopt(m_mmap_threshold, 64 * 1024))
+    words = {"<unk>": 0, "</s>": 1, "<s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    core = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="</s>",
+                                   bos_token="<s>", pad_token="</s>")
 
 
-def _build_model(case: Case, torch, workdir: Path):
+def _strop_files(case: Case, torch, work: Path) -> dict[str, Any]:
+    """A model directory (stored as strop loads it, so loading converts nothing), its tokenizer,
+    rows of exactly seq_len random tokens, and the strop config that trains on them."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     data = dict(case.model_config)
     config = AutoConfig.for_model(data.pop("model_type"), **data)
-    config._attn_implementation = case.attention
-    compute = torch.bfloat16 if case.bf16 else torch.float32
     torch.manual_seed(0)
-    if case.mode == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        AutoModelForCausalLM.from_config(config).save_pretrained(workdir)
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
-        model = AutoModelForCausalLM.from_pretrained(workdir, quantization_config=quant,
-                                                     attn_implementation=case.attention)
-    elif case.mode == "lora":
-        model = AutoModelForCausalLM.from_config(config, dtype=compute)
-    else:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if case.mode in ("lora", "qlora"):
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-        if case.mode == "qlora":
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        lora = LoraConfig(r=case.lora_r, lora_alpha=2 * case.lora_r, lora_dropout=case.lora_dropout,
-                          target_modules="all-linear", task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
-    if case.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if case.mode != "full":
-            model.enable_input_require_grads()
-    model.config.use_cache = False
-    return model.to(case.device).train()
-
-
-def _optimizer(case: Case, params, torch):
-    if case.optimizer == "adamw_torch_fused":
-        return torch.optim.AdamW(params, lr=1e-4, fused=True)
-    if case.optimizer == "adamw_torch":
-        return torch.optim.AdamW(params, lr=1e-4)
-    if case.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=1e-4)
-    if case.optimizer in ("adamw_8bit", "adamw_bnb_8bit"):
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=1e-4)
-    raise ValueError(f"the measurement harness does not build {case.optimizer}")
+    stored = torch.bfloat16 if case.mode == "lora" and case.bf16 else torch.float32
+    AutoModelForCausalLM.from_config(config, dtype=stored).save_pretrained(work / "model")
+    _word_tokenizer(config.vocab_size).save_pretrained(work / "model")
+    rng = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(case.micro_batch * case.steps):
+        ids = torch.randint(3, config.vocab_size, (case.seq_len,), generator=rng).tolist()
+        rows.append(json.dumps({"text": " ".join(f"w{i}" for i in ids)}))
+    (work / "rows.jsonl").write_text("\n".join(rows) + "\n")
+    cfg = case.strop_config(work / "config.json")
+    cfg.update(base_model=str(work / "model"),
+               datasets=[{"path": str(work / "rows.jsonl"), "type": "completion"}],
+               output_dir=str(work / "run"), dataset_prepared_path=str(work / "prepared"),
+               max_steps=case.steps, logging_steps=1, warmup_steps=0, seed=0)
+    return cfg
 
 
 def _child(case: Case) -> dict[str, Any]:
-    if case.device == "cpu":
-        return_freed_memory_promptly()
     import bitsandbytes  # noqa: F401
     import peft  # noqa: F401
     import torch
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    # Import everything (the model's module too) before the baseline: code that is loaded is not
-    # memory the training step needs, and the same in every mode.
-    data = dict(case.model_config)
-    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.for_model(data.pop("model_type"), **data))]
-    cuda = case.device == "cuda"
+    from strop.config.load import load_dict
+    from strop.data import prepare_data  # noqa: F401 - imported before the baseline
+    from strop.train.loop import train
+
     with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        loaded = load_dict(_strop_files(case, torch, work))
         baseline = _rss_bytes("VmRSS")
-        model = _build_model(case, torch, Path(tmp))
-    after_build = _rss_bytes("VmRSS")
-    _reset_peak_rss()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(case, params, torch)
-    vocab = model.config.get_text_config().vocab_size
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (case.micro_batch, case.seq_len), generator=generator)
-    ids = ids.to(case.device)
-    dtype = torch.bfloat16 if case.bf16 else torch.float32
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        before_cuda = torch.cuda.memory_allocated()
-    times = []
-    after_first = 0
-    for step in range(case.steps):
-        start = time.perf_counter()
-        with torch.autocast(case.device, dtype=dtype, enabled=case.bf16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        del loss
-        if step == 0:
-            after_first = _rss_bytes("VmRSS")
-    warm = times[1:] or times
-    tokens = case.micro_batch * case.seq_len
-    result = {
+        _reset_peak_rss()
+        train(loaded)
+        peak = _rss_bytes("VmHWM") - baseline
+        metrics = (work / "run" / "metrics.jsonl").read_text().splitlines()
+    # Per-step throughput after the first step (which pays one-off costs), as the harness does.
+    speeds = [row["tokens_per_s"] for row in map(json.loads, metrics)
+              if row.get("step", 0) > 1 and "tokens_per_s" in row]
+    return {
         "name": case.name,
         "baseline_rss": baseline,
-        "model_rss": after_build - baseline,
-        "peak_rss_growth": _rss_bytes("VmHWM") - baseline,
-        "after_first_step_rss": after_first - baseline,
-        "step_seconds": sorted(warm)[len(warm) // 2],
-        "tokens_per_second": tokens / sorted(warm)[len(warm) // 2],
+        "peak_rss_growth": peak,
+        "tokens_per_second": sorted(speeds)[len(speeds) // 2] if speeds else 0.0,
         "threads": torch.get_num_threads(),
     }
-    if cuda:
-        result["peak_allocated"] = torch.cuda.max_memory_allocated()
-        result["model_allocated"] = before_cuda
-    return result
 
 
 if __name__ == "__main__":
-    print(json.dumps(_child(Case(**json.loads(sys.argv[1])))))
+    case = Case(**json.loads(sys.argv[1]))
+    print(json.dumps(_child(case)))

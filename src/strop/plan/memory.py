@@ -64,6 +64,7 @@ class Setup:
     sharding: str = "ddp"          # ddp (replicas) | fsdp (fully sharded)
     logits_chunk: int | None = None  # tokens scored at once by a chunked loss (None = all)
     masked: bool = False           # rows are padded or packed: transformers builds a 4-D mask
+    fused_loss: bool = False       # strop's chunked head + loss (gradients in the forward pass)
 
     @property
     def tokens(self) -> int:
@@ -90,12 +91,14 @@ def weight_bytes(params: ParamCounts, setup: Setup) -> dict[str, float]:
     c = setup.compute_bytes
     if setup.mode == "full":
         return {"weights": tm.FP32 * params.total}
-    if setup.mode == "qlora":
-        base = tm.nf4_bytes(params.quantized, setup.double_quant, params.quantized_linears)
-        base += tm.FP32 * (params.total - params.quantized)
-    elif setup.mode == "lora8":
-        base = tm.int8_bytes(params.quantized, params.quantized_rows)
-        base += tm.FP32 * (params.total - params.quantized)
+    if setup.mode in ("qlora", "lora8"):
+        if setup.mode == "qlora":
+            base = tm.nf4_bytes(params.quantized, setup.double_quant, params.quantized_linears)
+        else:
+            base = tm.int8_bytes(params.quantized, params.quantized_rows)
+        # Norms in fp32, embeddings and head in the compute dtype (strop.model.quantize).
+        base += tm.FP32 * params.norms_and_biases
+        base += c * (params.total - params.quantized - params.norms_and_biases)
     else:
         base = c * params.total
     return {"weights": base, "lora_weights": tm.FP32 * params.trainable}
@@ -115,10 +118,9 @@ def autocast_copy_bytes(params: ParamCounts, setup: Setup) -> tuple[float, float
     if setup.mode == "full":
         copied = params.linear_weights
         head = params.head
-    else:  # adapters, saved modules, and frozen fp32 linears (the head of a k-bit base)
-        frozen_fp32 = params.frozen_fp_linear_weights if setup.mode in ("qlora", "lora8") else 0
-        copied = params.linear_weights_trainable + frozen_fp32
-        head = params.head if setup.mode in ("qlora", "lora8") else 0
+    else:  # adapters and saved modules; a frozen base is already in the compute dtype
+        copied = params.linear_weights_trainable
+        head = 0
     held = c * (head if setup.gradient_checkpointing else copied)
     return held, c * copied - held
 
@@ -144,13 +146,26 @@ def activation_bytes(shape: ModelShape, params: ParamCounts, setup: Setup) -> di
     else:
         kept = sum(layers) * tokens
         recompute = 0.0
+    head_trainable = setup.mode == "full"
+    # The fused loss keeps no input for the head's weight gradient: it is computed in forward.
     head = tm.head_activation_bytes(shape, mode=setup.mode, compute_bytes=c, residual_bytes=rb,
-                                    head_trainable=setup.mode == "full") * tokens
+                                    head_trainable=head_trainable and not setup.fused_loss)
+    if setup.fused_loss:
+        head_weight = tm.FP32 if setup.mode == "full" else c
+        loss_peak, loss_kept = tm.fused_loss_bytes(
+            shape.vocab, shape.hidden, tokens, setup.logits_chunk or tokens, compute_bytes=c,
+            hidden_bytes=rb, head_trainable=head_trainable, head_weight_bytes=head_weight)
+    else:
+        loss_kept = tm.logits_peak_bytes(shape.vocab, tokens, setup.logits_chunk)
+        # 10 B per logit while the forward computes the loss (compute-dtype logits, their fp32
+        # copy, the fp32 log-softmax), 12 B at the start of backward (tm.logits_peak_bytes).
+        loss_peak = loss_kept * 10 / 12
     return {
         "activations": kept,
         "recompute": recompute,
-        "head": head,
-        "logits": tm.logits_peak_bytes(shape.vocab, tokens, setup.logits_chunk),
+        "head": head * tokens,
+        "loss_forward": loss_peak,
+        "loss_backward": loss_kept,
         "attention_mask": tm.attention_mask_bytes(setup.seq_len, setup.micro_batch,
                                                   setup.attention, setup.masked, c),
     }
@@ -218,13 +233,10 @@ def estimate_memory(shape: ModelShape, params: ParamCounts, setup: Setup) -> Mem
 
     common = {"activations": acts["activations"], "head_activations": acts["head"],
               "attention_mask": acts["attention_mask"]}
-    # The loss path: 10 B per logit while the forward computes the loss (compute-dtype logits,
-    # their fp32 copy, the fp32 log-softmax), 12 B at the start of backward (tm.logits_peak).
-    logits_fwd = acts["logits"] * 10 / 12
     phases = {
-        "forward_end": {**static, **common, "logits_and_loss": logits_fwd,
+        "forward_end": {**static, **common, "logits_and_loss": acts["loss_forward"],
                         "autocast_weight_copies": held_copies + forward_copies},
-        "backward_start": {**static, **common, "logits_and_loss": acts["logits"],
+        "backward_start": {**static, **common, "logits_and_loss": acts["loss_backward"],
                            "autocast_weight_copies": held_copies, "gradient_buckets": buckets},
         "optimizer_step": {**static, "gradients": grads, "optimizer_step_temp": step_temp,
                            "gradient_buckets": buckets},

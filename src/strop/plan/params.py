@@ -45,7 +45,6 @@ class ParamCounts:
     norms_and_biases: int       # 1-D parameters (norm weights, biases)
     largest_trainable: int      # elements of the biggest trainable tensor
     trainable_shapes: tuple[tuple[int, ...], ...] = ()
-    frozen_fp_linear_weights: int = 0  # frozen linear weights kept in floating point
     lora_modules: tuple[LoraModule, ...] = ()
     quantized_linears: int = 0  # how many linear layers are quantized
     quantized_rows: int = 0     # their output rows (8-bit keeps one fp32 scale per row)
@@ -60,6 +59,9 @@ class ParamCounts:
         frozen_fp = 0 if mode == "full" else self.total - self.quantized
         if self.quantized:
             counts["nf4" if mode == "qlora" else "int8"] += self.quantized
+            # strop.model.quantize keeps a k-bit base's norms in fp32 for stability.
+            counts["float32"] += self.norms_and_biases
+            frozen_fp -= self.norms_and_biases
         if frozen_fp:
             counts[frozen] += frozen_fp
         return {k: v for k, v in counts.items() if v}
@@ -72,12 +74,10 @@ def storage_policy(mode: str, compute_bytes: int) -> tuple[str, str]:
     """(dtype of frozen floating-point parameters, dtype of trainable ones).
 
     Trainable parameters are kept in fp32 (they are their own master copy; autocast makes the
-    low-precision copies). A LoRA base is frozen in the compute dtype. A k-bit base (QLoRA,
-    8-bit) keeps its non-quantized parameters in fp32, as PEFT's prepare_model_for_kbit_training
-    casts them for stable training.
+    low-precision copies). A LoRA base is frozen in the compute dtype, and so are a k-bit base's
+    embeddings and head (strop.model.quantize casts only its norms to fp32, unlike PEFT's
+    prepare_model_for_kbit_training, which casts all of them).
     """
-    if mode in ("qlora", "lora8"):
-        return "float32", "float32"
     return _DTYPE_NAMES.get(compute_bytes, "float32"), "float32"
 
 
@@ -153,14 +153,13 @@ def count_params(model: nn.Module, cfg: StropConfig) -> ParamCounts:
     for name, module in peft_model.named_modules():
         if isinstance(module, nn.Linear) and "modules_to_save" in name:
             trainable_linear += sum(p.numel() for p in module.parameters())
-    frozen_fp_linear = linear - quantized
     return ParamCounts(
         total=total, trainable=adapter + saved, adapter=adapter, modules_to_save=saved,
         quantized=quantized, linear_weights=linear, linear_weights_trainable=trainable_linear,
         head=head, embedding=embedding, norms_and_biases=small,
         largest_trainable=max((p.numel() for p in trainable_params), default=0),
         trainable_shapes=tuple(tuple(p.shape) for p in trainable_params),
-        frozen_fp_linear_weights=frozen_fp_linear, lora_modules=tuple(loras),
+        lora_modules=tuple(loras),
         quantized_linears=quantized_linears, quantized_rows=quantized_rows)
 
 

@@ -51,7 +51,8 @@ def build_plan(cfg: StropConfig, *, gpu: str | None = None, world_size: int = 1,
     tokens = estimate_tokens(cfg, base_dir)
     run_tokens = _run_tokens(cfg, tokens, world_size)
     reference = chosen or table["H100 80GB"]
-    ref_setup = setup_for(cfg, reference.kind, reference.bf16, world_size, sharding)
+    ref_setup = setup_for(cfg, reference.kind, reference.bf16, world_size, sharding,
+                          hf_config=facts.hf_config)
     ref_memory = estimate_memory(facts.shape, facts.params, ref_setup)
     rows = [_device_row(facts, cfg, d, world_size, sharding, run_tokens, mfu) for d in devices]
     plan: dict[str, Any] = {
@@ -138,7 +139,8 @@ def _mfu(device: Device, setup: Setup, mfu: float | None) -> float:
 def _device_row(facts: ModelFacts, cfg: StropConfig, device: Device, world_size: int,
                 sharding: str, run_tokens: float | None, mfu: float | None,
                 setup: Setup | None = None) -> dict[str, Any]:
-    setup = setup or setup_for(cfg, device.kind, device.bf16, world_size, sharding)
+    setup = setup or setup_for(cfg, device.kind, device.bf16, world_size, sharding,
+                               hf_config=facts.hf_config)
     memory = estimate_memory(facts.shape, facts.params, setup)
     peak = device.peak_flops(setup.compute_bytes, fp16=bool(cfg.fp16))
     used_mfu = _mfu(device, setup, mfu)

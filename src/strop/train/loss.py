@@ -126,8 +126,13 @@ class OutputHead:
         return out
 
 
+# Positions scored at once: (1024, V) fp32 logits are 128 MiB at a 32k vocabulary, small next to
+# a step's activations, and large enough that the matmuls stay efficient. strop.plan reads it.
+LOSS_CHUNK_ROWS = 1024
+
+
 def lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: OutputHead, *, shift: bool = True,
-                chunk_rows: int = 1024) -> tuple[torch.Tensor, int]:
+                chunk_rows: int = LOSS_CHUNK_ROWS) -> tuple[torch.Tensor, int]:
     """Sum of cross-entropy over trained positions, and how many there are.
 
     hidden: (B, T, H) final hidden states; labels: (B, T) with -100 where not trained.

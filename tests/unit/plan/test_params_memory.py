@@ -63,7 +63,7 @@ def test_qlora_quantizes_every_linear_but_the_head():
 def test_memory_items_add_up_and_knobs_lower_the_peak():
     cfg = _cfg(base_model="meta-llama/Llama-3.2-1B", sequence_len=2048, micro_batch_size=2)
     facts = model_facts(cfg)
-    setup = setup_for(cfg, "cuda", True)
+    setup = setup_for(cfg, "cuda", True, hf_config=facts.hf_config)
     full = estimate_memory(facts.shape, facts.params, setup)
     assert sum(full.items.values()) == pytest.approx(full.total)
     # weights fp32, AdamW two fp32 moments
@@ -81,9 +81,9 @@ def test_memory_items_add_up_and_knobs_lower_the_peak():
 def test_fsdp_shards_and_ddp_adds_buckets():
     cfg = _cfg(base_model="meta-llama/Llama-3.2-1B", sequence_len=512)
     facts = model_facts(cfg)
-    one = estimate_memory(facts.shape, facts.params, setup_for(cfg, "cuda", True))
-    ddp = estimate_memory(facts.shape, facts.params, setup_for(cfg, "cuda", True, 4, "ddp"))
-    fsdp = estimate_memory(facts.shape, facts.params, setup_for(cfg, "cuda", True, 4, "fsdp"))
+    one = estimate_memory(facts.shape, facts.params, setup_for(cfg, "cuda", True, hf_config=facts.hf_config))
+    ddp = estimate_memory(facts.shape, facts.params, setup_for(cfg, "cuda", True, 4, "ddp", hf_config=facts.hf_config))
+    fsdp = estimate_memory(facts.shape, facts.params, setup_for(cfg, "cuda", True, 4, "fsdp", hf_config=facts.hf_config))
     assert ddp.total > one.total
     assert fsdp.total < one.total
     assert fsdp.phases["optimizer_step"] < one.phases["optimizer_step"] / 2
@@ -100,6 +100,35 @@ def test_prediction_matches_a_measured_cpu_training_step(tmp_path):
                               "vocab_size": 8000, "max_position_embeddings": 1024})
     cfg = load_dict(case.strop_config(tmp_path / "config.json")).cfg
     facts = model_facts(cfg)
-    predicted = estimate_memory(facts.shape, facts.params, setup_for(cfg, "cpu", True)).total
+    predicted = estimate_memory(facts.shape, facts.params, setup_for(cfg, "cpu", True, hf_config=facts.hf_config)).total
     measured = run_case(case)["peak_rss_growth"]
     assert abs(predicted - measured) / measured < 0.10, (predicted, measured)
+
+
+def test_qlora_base_keeps_norms_fp32_and_the_rest_in_the_compute_dtype():
+    # As strop.model.quantize stores it: only norms are upcast, not embeddings and head.
+    cfg = _cfg(base_model="mistralai/Mistral-7B-v0.1", adapter="qlora", load_in_4bit=True,
+               lora_target_linear=True, lora_r=32)
+    p = model_facts(cfg).params
+    by_dtype = p.by_dtype("qlora", 2)
+    assert by_dtype["bfloat16"] == 2 * 32000 * 4096
+    assert by_dtype["float32"] == p.trainable + (2 * 32 + 1) * 4096
+
+
+def test_setup_follows_what_the_loop_does_to_the_model():
+    """Llama trains through the fused chunked loss without a 4-D mask; a family the mask-free
+    attention does not cover keeps the mask, and its loss is still chunked."""
+    from strop.train.loss import LOSS_CHUNK_ROWS
+
+    llama = _cfg(base_model="meta-llama/Llama-3.2-1B", sequence_len=4096, sample_packing=True)
+    facts = model_facts(llama)
+    setup = setup_for(llama, "cuda", True, hf_config=facts.hf_config)
+    assert setup.fused_loss and not setup.masked and setup.logits_chunk == LOSS_CHUNK_ROWS
+    est = estimate_memory(facts.shape, facts.params, setup)
+    # One chunk of 1024 x 128256 logits at about 10 B each, not the 4096-token whole.
+    assert est.items["logits_and_loss"] < 12 * LOSS_CHUNK_ROWS * 128256 + 4 * 4096 * 2048 \
+        + 4 * 128256 * 2048 + 2 * 128256 * 2048
+    gemma = _cfg(base_model="google/gemma-2-2b", sequence_len=4096, sample_packing=True)
+    facts = model_facts(gemma)
+    setup = setup_for(gemma, "cuda", True, hf_config=facts.hf_config)
+    assert setup.masked and not setup.fused_loss  # softcapped head, sliding window
