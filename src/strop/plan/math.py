@@ -167,7 +167,7 @@ def optimizer_step_temp_bytes(optimizer: str, device: str, trainable: int, large
 
 def layer_activation_bytes(shape: ModelShape, seq_len: int, *, attention: str, mode: str,
                            compute_bytes: int, residual_bytes: int, projection_bytes: int,
-                           lora_inputs: list[tuple[int, int]] = (), lora_dropout: bool = False,
+                           lora_inputs: list[tuple[int, int, str | None]] = (), lora_dropout: bool = False,
                            norms_trainable: bool = False) -> float:
     """Bytes one decoder layer keeps for backward, per token of a row `seq_len` long.
 
@@ -175,8 +175,8 @@ def layer_activation_bytes(shape: ModelShape, seq_len: int, *, attention: str, m
     autocast dtype (2 for bf16/fp16, 4 without autocast). residual_bytes: dtype of the residual
     stream (fp32 when embeddings and norms are fp32, as for full training or a k-bit base).
     projection_bytes: dtype the base projections return (a bitsandbytes 4-bit linear returns
-    its input's dtype, so fp32 under QLoRA). lora_inputs: (in_features, rank) of each wrapped
-    linear in this layer.
+    its input's dtype, so fp32 under QLoRA). lora_inputs: (in_features, rank, what it reads) of
+    each wrapped linear in this layer (see lora_reads).
     """
     d, c = shape.hidden, compute_bytes
     per_norm = FP32 * d + FP32 + (residual_bytes * d if norms_trainable else 0)
@@ -201,11 +201,36 @@ def layer_activation_bytes(shape: ModelShape, seq_len: int, *, attention: str, m
             # autocast casts the normed fp32 input once per consuming linear
             total += c * d * (5 if shape.gated_mlp else 2)
         total += projection_bytes * width if shape.gated_mlp else 0  # down_proj's input
-    for in_features, rank in lora_inputs:
-        total += c * (in_features + rank)                     # cast input copy and A x
+    # LoRA's A keeps its input for its weight gradient. strop turns off PEFT's input casts, so
+    # an input already in the compute dtype is kept once however many adapters read it: q, k
+    # and v read the same normed input, gate and up another (on a k-bit base the norms and
+    # stream are fp32 and each adapter keeps its own cast copy instead); o_proj reads SDPA's
+    # output, counted above (eager's output is a fresh contiguous copy). Dropout gives each
+    # adapter its own input.
+    kept_inputs: set[str] = {"attention_output"} if attention != "eager" else set()
+    for in_features, rank, reads in lora_inputs:
+        shared = reads is not None and not lora_dropout and \
+            (reads == "attention_output" or residual_bytes == c)
+        if not shared or reads not in kept_inputs:
+            total += c * in_features
+        if shared:
+            kept_inputs.add(reads)
+        total += c * rank                                     # A x, kept for B's gradient
         if lora_dropout:
             total += in_features                              # dropout mask (1 byte per element)
     return total
+
+
+# What each wrapped linear reads, by the name families use: adapters reading the same tensor
+# can share the copy autograd keeps of it.
+LORA_INPUTS = {"q_proj": "attention_input", "k_proj": "attention_input",
+               "v_proj": "attention_input", "o_proj": "attention_output",
+               "gate_proj": "mlp_input", "up_proj": "mlp_input"}
+
+
+def lora_reads(module_name: str) -> str | None:
+    """Which shared input a wrapped linear reads (LORA_INPUTS), None when it is its own."""
+    return LORA_INPUTS.get(module_name.rsplit(".", 1)[-1])
 
 
 def checkpointed_layer_bytes(shape: ModelShape, residual_bytes: int) -> float:

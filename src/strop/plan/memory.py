@@ -133,7 +133,8 @@ def activation_bytes(shape: ModelShape, params: ParamCounts, setup: Setup) -> di
     for module in params.lora_modules:
         index = _layer_of(module.name)
         if index is not None and index < shape.layers:
-            per_layer[index].append((module.in_features, module.rank))
+            per_layer[index].append((module.in_features, module.rank,
+                                     tm.lora_reads(module.name)))
     layers = [tm.layer_activation_bytes(
         shape, setup.seq_len, attention=setup.attention, mode=setup.mode, compute_bytes=c,
         residual_bytes=rb, projection_bytes=pb, lora_inputs=inputs,

@@ -7,6 +7,8 @@ counts those separately) must equal strop.plan.math.layer_activation_bytes.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -19,8 +21,12 @@ SIZES = dict(hidden_size=96, intermediate_size=200, num_hidden_layers=2, num_att
 
 
 def _model(mode: str, attention: str, tmp_path):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """The model as strop trains it: its k-bit preparation (norms fp32, embeddings and head
+    left in bf16) and PEFT without its input casts (strop.train.loop's speedups)."""
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from strop.model.quantize import prepare_for_kbit_training
 
     config = AutoConfig.for_model("llama", **SIZES)
     config._attn_implementation = attention
@@ -33,7 +39,7 @@ def _model(mode: str, attention: str, tmp_path):
                                    bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4")
         model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant,
                                                      attn_implementation=attention)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_for_kbit_training(model)
     else:
         dtype = torch.bfloat16 if mode == "lora" else torch.float32
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -60,9 +66,13 @@ def _saved_bytes_of_layer(model, layer_index: int) -> int:
             seen[key] = (where[0], storage.nbytes())
         return tensor
 
+    from peft.helpers import disable_input_dtype_casting
+
     ids = torch.randint(0, SIZES["vocab_size"], (B, T))
+    casting = disable_input_dtype_casting(model) if hasattr(model, "peft_config") \
+        else contextlib.nullcontext()
     with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-          torch.autocast("cpu", dtype=torch.bfloat16)):
+          torch.autocast("cpu", dtype=torch.bfloat16), casting):
         model(input_ids=ids, labels=ids)
     return sum(n for w, n in seen.values() if w == layer_index)
 
@@ -74,8 +84,10 @@ def test_layer_activations_match_what_autograd_saves(mode, attention, tmp_path):
     traced = _saved_bytes_of_layer(model, layer_index=1)
     shape = model_shape(config)
     d, q, kv, inter = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
-    # all-linear LoRA wraps q, k, v, o, gate, up and down: (in_features, rank) each
-    lora = [] if mode == "full" else [(d, 8), (d, 8), (d, 8), (q, 8), (d, 8), (d, 8), (inter, 8)]
+    # all-linear LoRA wraps q, k, v, o, gate, up and down: (in_features, rank, reads) each
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = [] if mode == "full" else [(n, 8, tm.lora_reads(name)) for n, name in
+                                      zip([d, d, d, q, d, d, inter], names, strict=True)]
     predicted = tm.layer_activation_bytes(
         shape, T, attention=attention, mode=mode, compute_bytes=2,
         residual_bytes=2 if mode == "lora" else 4, projection_bytes=4 if mode == "qlora" else 2,
