@@ -175,7 +175,7 @@ def merge(
 @app.command()
 def export(
     run: Path = typer.Argument(..., help="Run directory or model directory"),
-    format_: str = typer.Option(..., "--format", help="gguf (llama.cpp) or hf (merged safetensors)"),
+    format_: str = typer.Option(None, "--format", help="gguf (llama.cpp) or hf (merged safetensors)"),
     quant: str = typer.Option("f16", "--quant", help="GGUF weights: f16 or q8_0"),
     out: Path = typer.Option(None, "--out", help="Where to write (default: next to the run)"),
     force: bool = typer.Option(False, "--force", help="Write even if the verification fails"),
@@ -224,10 +224,10 @@ def chat(
 @app.command()
 def generate(
     model: Path = typer.Argument(..., help="Run directory, model directory or YAML config"),
-    prompts: Path = typer.Option(..., "--prompts",
+    prompts: Path = typer.Option(None, "--prompts",
                                  help=".txt (one a line), .jsonl / .json (prompt field or "
                                       "rows in the run's dataset format)"),
-    out: Path = typer.Option(..., "--out", help="JSONL file to write"),
+    out: Path = typer.Option(None, "--out", help="JSONL file to write"),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts per forward pass"),
     max_new_tokens: int = MAX_NEW, temperature: float = TEMPERATURE, top_p: float = TOP_P,
     top_k: int = TOP_K, repetition_penalty: float = REPETITION, seed: int = SEED,

@@ -22,10 +22,11 @@ PARITY_TOLERANCE = {"f16": 3e-3, "q8_0": 3e-2}
 
 def export_model(run: Path, format_: str, quant: str = "f16", out: Path | None = None,
                  force: bool = False, overwrite: bool = False) -> list[str]:
-    if format_ not in FORMATS:
-        raise StropError(f"--format {format_}: choose gguf or hf")
     if not run.exists():
         raise StropError(f"{run}: no such run or model directory")
+    if format_ not in FORMATS:
+        raise StropError(f"--format {format_}: choose gguf or hf" if format_ else
+                         "--format is required: gguf (llama.cpp) or hf (merged safetensors)")
     is_adapter = (run / "adapter_config.json").is_file()
     if format_ == "hf":
         out = out or run.parent / f"{run.name}-hf"

@@ -141,9 +141,12 @@ def run_file(target: Any, prompts_path: Any, out: Any, sampling: Sampling, batch
     from pathlib import Path
 
     from strop.data.formats import RowProblem
-    from strop.infer.load import load_for_inference
+    from strop.infer.load import load_for_inference, run_dir_of
     from strop.infer.prompts import Prompter, read_prompt_file
 
+    run_dir_of(Path(target))  # a missing model is the first thing to say
+    if prompts_path is None or out is None:
+        raise StropError("--prompts FILE and --out OUT.jsonl are both required")
     prompts_path, out = Path(prompts_path), Path(out)
     rows = read_prompt_file(prompts_path)
     loaded = load_for_inference(target, device)
