@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from strop.errors import EXIT_USAGE, NotBuiltYet, StropError
+from strop.errors import EXIT_USAGE, StropError
 
 app = typer.Typer(
     name="strop",
@@ -27,10 +27,6 @@ app.add_typer(data_app, name="data")
 
 # Verbs that take config overrides after the file: `strop train cfg.yml --lora_r 16`.
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
-
-
-def _not_built(verb: str, issue: str) -> None:
-    raise NotBuiltYet(f"strop {verb} is not built yet ({issue}); it will come in a later release")
 
 
 @app.command(context_settings=OVERRIDES)

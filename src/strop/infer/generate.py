@@ -33,11 +33,11 @@ class Sampling:
             raise StropError("--top-k must be >= 0 and --repetition-penalty > 0")
         return self
 
-    def kwargs(self, tokenizer: Any) -> dict[str, Any]:
+    def kwargs(self, tokenizer: Any, stop: list[int]) -> dict[str, Any]:
         sample = self.temperature > 0
         out: dict[str, Any] = dict(max_new_tokens=self.max_new_tokens, do_sample=sample,
                                    repetition_penalty=self.repetition_penalty,
-                                   eos_token_id=tokenizer.eos_token_id,
+                                   eos_token_id=stop or None,
                                    pad_token_id=_pad_id(tokenizer))
         if sample:
             out.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
@@ -55,6 +55,20 @@ class Generation:
     text: str
     new_tokens: int
     stopped: bool  # ended with EOS within max_new_tokens
+
+
+# End-of-turn tokens of common chat templates: a reply rendered through a chat template ends with
+# one of these (ChatML, Llama 3, Gemma), which is not always the tokenizer's EOS.
+TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+
+def stop_ids(tokenizer: Any, chat_template: bool) -> list[int]:
+    """EOS, plus the template's end-of-turn token when the prompt came from a chat template."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if chat_template:
+        vocab = tokenizer.get_vocab()
+        ids += [vocab[t] for t in TURN_ENDS if t in vocab and vocab[t] not in ids]
+    return ids
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -91,21 +105,25 @@ def generate(model: Any, tokenizer: Any, prompts: list[Prompt], sampling: Sampli
 
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
-    eos = tokenizer.eos_token_id
     out: list[Generation] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
+        stop = stop_ids(tokenizer, any(not p.special_tokens for p in chunk))
         batch = {k: v.to(_device(model)) for k, v in encode(tokenizer, chunk).items()}
         with torch.no_grad():
-            sequences = model.generate(**batch, **sampling.kwargs(tokenizer))
+            sequences = model.generate(**batch, **sampling.kwargs(tokenizer, stop))
         new = sequences[:, batch["input_ids"].shape[1]:]  # (B, new tokens)
-        for prompt, tokens in zip(chunk, new.tolist(), strict=True):
-            stopped = eos is not None and eos in tokens
-            if stopped:
-                tokens = tokens[:tokens.index(eos)]
-            out.append(Generation(prompt.text, tokenizer.decode(tokens, skip_special_tokens=True),
-                                  len(tokens) + int(stopped), stopped))
+        out += [_finish(tokenizer, prompt.text, tokens, stop)
+                for prompt, tokens in zip(chunk, new.tolist(), strict=True)]
     return out
+
+
+def _finish(tokenizer: Any, prompt: str, tokens: list[int], stop: list[int]) -> Generation:
+    """Cut at the first stop token (what follows is padding)."""
+    end = next((i for i, t in enumerate(tokens) if t in stop), None)
+    kept = tokens if end is None else tokens[:end]
+    return Generation(prompt, tokenizer.decode(kept, skip_special_tokens=True),
+                      len(kept) + int(end is not None), end is not None)
 
 
 def stream(model: Any, tokenizer: Any, prompt: Prompt, sampling: Sampling,
@@ -121,17 +139,12 @@ def stream(model: Any, tokenizer: Any, prompt: Prompt, sampling: Sampling,
 
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
+    stop = stop_ids(tokenizer, not prompt.special_tokens)
     batch = {k: v.to(_device(model)) for k, v in encode(tokenizer, [prompt]).items()}
     streamer = Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     with torch.no_grad():
-        sequences = model.generate(**batch, **sampling.kwargs(tokenizer), streamer=streamer)
-    tokens = sequences[0, batch["input_ids"].shape[1]:].tolist()
-    eos = tokenizer.eos_token_id
-    stopped = eos is not None and eos in tokens
-    if stopped:
-        tokens = tokens[:tokens.index(eos)]
-    return Generation(prompt.text, tokenizer.decode(tokens, skip_special_tokens=True),
-                      len(tokens) + int(stopped), stopped)
+        sequences = model.generate(**batch, **sampling.kwargs(tokenizer, stop), streamer=streamer)
+    return _finish(tokenizer, prompt.text, sequences[0, batch["input_ids"].shape[1]:].tolist(), stop)
 
 
 def run_file(target: Any, prompts_path: Any, out: Any, sampling: Sampling, batch_size: int = 16,
