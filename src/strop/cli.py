@@ -180,6 +180,7 @@ def export(
     """Export a model: merged Hugging Face safetensors or GGUF for llama.cpp, verified."""
     from strop.export import export_model
 
+    _quiet_loading()
     for line in export_model(run, format_, quant=quant, out=out, force=force,
                              overwrite=overwrite):
         typer.echo(line)
@@ -214,6 +215,7 @@ def chat(
     from strop.infer.load import load_for_inference
 
     sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    _quiet_loading()
     chat_loop(load_for_inference(model, _device(device)), sampling, system=system)
 
 
@@ -233,6 +235,7 @@ def generate(
     from strop.infer.generate import run_file
 
     sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    _quiet_loading()
     count = run_file(model, prompts, out, sampling, batch_size, _device(device))
     typer.echo(f"wrote {count} generations to {out}")
 
@@ -255,6 +258,7 @@ def eval_(
 
     from strop.infer.evaluate import describe_missing, evaluate_run, render
 
+    _quiet_loading()
     result = evaluate_run(target, data=data, base=base, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, tasks=tasks, device=_device(device))
     Console(width=110).print(render(result))
@@ -265,6 +269,13 @@ def eval_(
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2) + "\n")
         typer.echo(f"wrote {json_out}")
+
+
+def _quiet_loading() -> None:
+    """No per-shard progress bars from transformers between a prompt and its reply."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _device(device: str) -> str:
