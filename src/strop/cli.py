@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from strop.errors import EXIT_USAGE, NotBuiltYet, StropError
+from strop.errors import EXIT_USAGE, StropError
 
 app = typer.Typer(
     name="strop",
@@ -27,10 +27,6 @@ app.add_typer(data_app, name="data")
 
 # Verbs that take config overrides after the file: `strop train cfg.yml --lora_r 16`.
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
-
-
-def _not_built(verb: str, issue: str) -> None:
-    raise NotBuiltYet(f"strop {verb} is not built yet ({issue}); it will come in a later release")
 
 
 @app.command(context_settings=OVERRIDES)
@@ -173,33 +169,135 @@ def merge(
 
 
 @app.command()
-def export(run: Path = typer.Argument(..., help="Run directory or model directory")):
-    """Export a model: merged Hugging Face safetensors or GGUF for llama.cpp."""
-    _not_built("export", "the use-the-result issue")
+def export(
+    run: Path = typer.Argument(..., help="Run directory or model directory"),
+    format_: str = typer.Option(None, "--format", help="gguf (llama.cpp) or hf (merged safetensors)"),
+    quant: str = typer.Option("f16", "--quant", help="GGUF weights: f16 or q8_0"),
+    out: Path = typer.Option(None, "--out", help="Where to write (default: next to the run)"),
+    force: bool = typer.Option(False, "--force", help="Write even if the verification fails"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out"),
+):
+    """Export a model: merged Hugging Face safetensors or GGUF for llama.cpp, verified."""
+    from strop.export import export_model
+
+    _quiet_loading()
+    for line in export_model(run, format_, quant=quant, out=out, force=force,
+                             overwrite=overwrite):
+        typer.echo(line)
+
+
+def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+              repetition_penalty: float, seed: int | None):
+    from strop.infer.generate import Sampling
+
+    return Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed).check()
+
+
+MAX_NEW = typer.Option(128, "--max-new-tokens", help="Most tokens to generate per reply")
+TEMPERATURE = typer.Option(0.0, "--temperature", help="0 is greedy; above 0 samples")
+TOP_P = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold")
+TOP_K = typer.Option(0, "--top-k", help="Sample from the k likeliest tokens (0: all)")
+REPETITION = typer.Option(1.0, "--repetition-penalty", help="Above 1 discourages repeats")
+SEED = typer.Option(None, "--seed", help="Seed for sampling")
+DEVICE = typer.Option("cpu", "--device", help="cpu, cuda or auto")
 
 
 @app.command()
-def chat(model: Path = typer.Argument(..., help="Run directory or model directory")):
-    """Chat with a trained model in the terminal."""
-    _not_built("chat", "the use-the-result issue")
+def chat(
+    model: Path = typer.Argument(..., help="Run directory, model directory or YAML config"),
+    system: str = typer.Option(None, "--system", help="System prompt"),
+    max_new_tokens: int = MAX_NEW, temperature: float = TEMPERATURE, top_p: float = TOP_P,
+    top_k: int = TOP_K, repetition_penalty: float = REPETITION, seed: int = SEED,
+    device: str = DEVICE,
+):
+    """Chat with a trained model in the terminal (/reset clears, /exit quits)."""
+    from strop.infer.chat import chat_loop
+    from strop.infer.load import load_for_inference
+
+    sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    _quiet_loading()
+    chat_loop(load_for_inference(model, _device(device)), sampling, system=system)
 
 
 @app.command()
-def generate(model: Path = typer.Argument(..., help="Run directory or model directory")):
+def generate(
+    model: Path = typer.Argument(..., help="Run directory, model directory or YAML config"),
+    prompts: Path = typer.Option(None, "--prompts",
+                                 help=".txt (one a line), .jsonl / .json (prompt field or "
+                                      "rows in the run's dataset format)"),
+    out: Path = typer.Option(None, "--out", help="JSONL file to write"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts per forward pass"),
+    max_new_tokens: int = MAX_NEW, temperature: float = TEMPERATURE, top_p: float = TOP_P,
+    top_k: int = TOP_K, repetition_penalty: float = REPETITION, seed: int = SEED,
+    device: str = DEVICE,
+):
     """Run prompts from a file through a model into JSONL."""
-    _not_built("generate", "the use-the-result issue")
+    from strop.infer.generate import run_file
+
+    sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    _quiet_loading()
+    count = run_file(model, prompts, out, sampling, batch_size, _device(device))
+    typer.echo(f"wrote {count} generations to {out}")
 
 
 @app.command("eval")
-def eval_(target: Path = typer.Argument(..., help="YAML config or run directory")):
-    """Evaluate loss, perplexity and generation metrics."""
-    _not_built("eval", "the use-the-result issue")
+def eval_(
+    target: Path = typer.Argument(..., help="YAML config or run directory"),
+    data: Path = typer.Option(None, "--data", help="Rows in the run's dataset format, with answers"),
+    base: bool = typer.Option(False, "--base", help="Evaluate the base model too, side by side"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Answer length budget"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Rows per forward pass"),
+    tasks: str = typer.Option(None, "--tasks", help="lm-eval-harness tasks, comma-separated"),
+    json_out: Path = typer.Option(None, "--json", help="Also write every figure to this file"),
+    device: str = DEVICE,
+):
+    """Evaluate loss, perplexity and generation metrics (optionally against the base)."""
+    import json
+
+    from rich.console import Console
+
+    from strop.infer.evaluate import describe_missing, evaluate_run, render
+
+    _quiet_loading()
+    result = evaluate_run(target, data=data, base=base, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, tasks=tasks, device=_device(device))
+    Console(width=110).print(render(result))
+    for line in describe_missing(result):
+        typer.echo(line)
+    if result.get("tasks"):
+        typer.echo(json.dumps(result["tasks"], indent=2))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        typer.echo(f"wrote {json_out}")
+
+
+def _quiet_loading() -> None:
+    """No per-shard progress bars from transformers between a prompt and its reply."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _device(device: str) -> str:
+    if device not in ("cpu", "cuda", "auto", "mps"):
+        raise StropError(f"--device {device}: use cpu, cuda, mps or auto")
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 @app.command()
-def report(runs: list[Path] = typer.Argument(..., help="One or more run directories")):
+def report(
+    runs: list[Path] = typer.Argument(..., help="One or more run directories"),
+    out: Path = typer.Option(None, "--out", help="Directory for the plots and report.html"),
+):
     """Plot a run (or compare runs) and write an HTML summary."""
-    _not_built("report", "the use-the-result issue")
+    from strop.report import write_report
+
+    for line in write_report(runs, out):
+        typer.echo(line)
 
 
 @app.command()

@@ -80,6 +80,13 @@ class Completion:
     def corpus_text(self, row: dict[str, Any]) -> str:
         return _text(row, self.field)
 
+    def render_prompt(self, row: dict[str, Any]) -> str:
+        """Generation continues the text itself: there is no separate response."""
+        return _text(row, self.field)
+
+    def response(self, row: dict[str, Any]) -> str | None:
+        return None
+
 
 # ----------------------------------------------------------------------- alpaca and friends
 
@@ -103,9 +110,12 @@ class Alpaca:
         self.train_inputs = train_on_inputs
 
     def render(self, row: dict[str, Any]) -> Rendered:
+        output = _text(row, self.output)
+        return Rendered([*self._prompt_pieces(row), (output, True, False)], append_eos=True)
+
+    def _prompt_pieces(self, row: dict[str, Any]) -> list[tuple[str, bool, bool]]:
         instruction = _text(row, self.instruction)
         extra = _text(row, self.input, required=False)
-        output = _text(row, self.output)
         system = _text(row, self.system_field, required=False) or self.system_prompt
         t = self.train_inputs
         head = (system + "\n\n") if system else (ALPACA_INPUT if extra else ALPACA_NO_INPUT)
@@ -113,8 +123,14 @@ class Alpaca:
                   (instruction, t, False)]
         if extra:
             pieces += [("\n\n### Input:\n", t, True), (extra, t, False)]
-        pieces += [("\n\n### Response:\n", t, True), (output, True, False)]
-        return Rendered(pieces, append_eos=True)
+        return [*pieces, ("\n\n### Response:\n", t, True)]
+
+    def render_prompt(self, row: dict[str, Any]) -> str:
+        """The text training put before the response (the output field may be absent)."""
+        return "".join(p[0] for p in self._prompt_pieces(row))
+
+    def response(self, row: dict[str, Any]) -> str | None:
+        return _text(row, self.output, required=False) or None
 
     def corpus_text(self, row: dict[str, Any]) -> str:
         return "\n".join(_text(row, k, required=False)
@@ -148,11 +164,21 @@ class UserDefined:
         return out
 
     def render(self, row: dict[str, Any]) -> Rendered:
+        output = _text(row, self.spec.field_output)
+        return Rendered([*self._prompt_pieces(row), (output, True, False)], append_eos=True)
+
+    def render_prompt(self, row: dict[str, Any]) -> str:
+        """The text training put before the output (the output field may be absent)."""
+        return "".join(p[0] for p in self._prompt_pieces(row))
+
+    def response(self, row: dict[str, Any]) -> str | None:
+        return _text(row, self.spec.field_output, required=False) or None
+
+    def _prompt_pieces(self, row: dict[str, Any]) -> list[tuple[str, bool, bool]]:
         s = self.spec
         values = {"instruction": _text(row, s.field_instruction),
                   "input": _text(row, s.field_input, required=False),
                   "system": _text(row, s.field_system, required=False) or s.system_prompt}
-        output = _text(row, s.field_output)
         t = self.train_inputs
         pieces: list[tuple[str, bool, bool]] = []
         if values["system"]:
@@ -163,8 +189,7 @@ class UserDefined:
                 pieces.append((literal, t, True))
             if name:
                 pieces.append((values[name], t, False))
-        pieces.append((output, True, False))
-        return Rendered(pieces, append_eos=True)
+        return pieces
 
     def corpus_text(self, row: dict[str, Any]) -> str:
         s = self.spec
@@ -214,6 +239,22 @@ class InputOutput:
 
     def corpus_text(self, row: dict[str, Any]) -> str:
         return "".join(text for text, _ in self._segments(row))
+
+    def _split(self, row: dict[str, Any]) -> tuple[str, str | None]:
+        """(prompt, response): the response is the final run of labelled segments."""
+        segments = self._segments(row)
+        start = len(segments)
+        while start > 0 and segments[start - 1][1]:
+            start -= 1
+        prompt = "".join(text for text, _ in segments[:start])
+        response = "".join(text for text, _ in segments[start:])
+        return prompt, response or None
+
+    def render_prompt(self, row: dict[str, Any]) -> str:
+        return self._split(row)[0]
+
+    def response(self, row: dict[str, Any]) -> str | None:
+        return self._split(row)[1]
 
 
 # ---------------------------------------------------------------------------- chat_template
@@ -350,6 +391,28 @@ class ChatTemplate:
 
     def corpus_text(self, row: dict[str, Any]) -> str:
         return "\n".join(m["content"] for m in self._messages(row)[1])
+
+    def _split(self, row: dict[str, Any]) -> tuple[str, list[dict[str, str]], str | None]:
+        name, messages = self._messages(row)
+        if messages[-1]["role"] in self.train_roles and len(messages) > 1:
+            return name, messages[:-1], messages[-1]["content"]
+        return name, messages, None
+
+    def render_prompt(self, row: dict[str, Any]) -> str:
+        """The conversation up to the last trained turn, ending with the template's
+        generation prompt (the text training put before that turn's content)."""
+        name, messages, _ = self._split(row)
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(messages, chat_template=self.template,
+                                                      tokenize=False, add_generation_prompt=True)
+        except TemplateError as err:
+            raise RowProblem(name, f"the {self.label} chat template refused this conversation "
+                                   f"({err})") from None
+
+    def response(self, row: dict[str, Any]) -> str | None:
+        return self._split(row)[2]
 
 
 def _fits(real: str, pos: int, content: str, after: str, last: bool) -> bool:
