@@ -255,8 +255,9 @@ def test_a_corrupted_tensor_fails_verification(runs, cli, tmp_path, monkeypatch)
 
 
 def test_gguf_matches_llama_cpp(runs, tmp_path):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (a ~13 minute "
-                                            "source build, so it is not in the dev extras)")
+    # In the dev extras, so `make test` has it; a bare `pip install -e .` does not.
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e "
+                                            "'.[dev]' builds it)")
     from strop.export.gguf_llama import llama_cpp_parity, write_gguf
     from strop.infer.load import load_for_inference
 
