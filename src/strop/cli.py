@@ -302,21 +302,11 @@ def report(
 
 @app.command()
 def demo():
-    """Run the built-in end-to-end demo on CPU."""
-    # Until the full demo lands, it checks the shipped recipes and says what it will run.
-    from strop.config import load_config
+    """Run the end-to-end demo on CPU: a synthetic world, pretraining, full/LoRA/QLoRA
+    fine-tuning, held-out exact match, a verified merge, a table and a report (demo-out/)."""
+    from strop.demo.run import run_demo
 
-    examples = sorted(Path("examples").rglob("*.yml"))
-    for path in examples:
-        loaded = load_config(path)
-        typer.echo(f"ok  {path}  ({_describe_run(loaded.cfg)})")
-    typer.echo("The end-to-end demo (pretrain a tiny Llama, then full, LoRA and QLoRA fine-tuning "
-               "on CPU) is not built yet; the recipes above validate.")
-
-
-def _describe_run(cfg) -> str:
-    mode = "pretrain from scratch" if cfg.from_scratch else (cfg.adapter or "full fine-tune")
-    return f"{mode}, {cfg.datasets[0].format_name} data, sequence_len {cfg.sequence_len}"
+    raise typer.Exit(run_demo())
 
 
 def main(argv: list[str] | None = None) -> None:
