@@ -76,7 +76,7 @@ class WorldSpec:
 
     people: int = 80
     towns: int = 8
-    statements_per_fact: int = 4    # documents that state each fact, each in its own words
+    statements_per_fact: int = 6    # documents that state each fact, each in its own words
     heldout_fraction: float = 0.3   # share of facts whose questions are only in qa-heldout
     seed: int = 0
 
@@ -124,11 +124,17 @@ def make_facts(spec: WorldSpec) -> list[Fact]:
     return facts
 
 
-def corpus_documents(facts: list[Fact], spec: WorldSpec) -> list[str]:
+def corpus_documents(facts: list[Fact], train: list[Fact], spec: WorldSpec) -> list[str]:
     """Prose about the world: `statements_per_fact` short biographies of each person (every
     fact about them, sentences in a shuffled order, each sentence from a random template) and as
     many notes about each town. The full name is in every sentence, never a pronoun, so each
-    statement links the name to the value directly."""
+    statement links the name to the value directly.
+
+    The training facts' questions are in it too, answered ("Where does X live? Tisei."): a small
+    model that has only read biographies stores a fact keyed to "X lives in", and fine-tuning
+    alone does not teach it to fetch the fact from a question; reading some questions while it
+    stores the facts does (mixed training, Allen-Zhu & Li, Physics of LMs 3.1). Held-out
+    questions are never in it."""
     rng = random.Random(spec.seed + 1)
     by_subject: dict[str, list[Fact]] = {}
     for fact in facts:
@@ -142,6 +148,8 @@ def corpus_documents(facts: list[Fact], spec: WorldSpec) -> list[str]:
                 sentences.append(rng.choice(templates).format(name=subject, value=fact.value))
             rng.shuffle(sentences)
             documents.append(" ".join(sentences))
+    for fact in train:
+        documents += [f"{q.format(name=fact.subject)} {fact.value}." for q in QUESTIONS[fact.relation]]
     rng.shuffle(documents)
     return documents
 
@@ -184,7 +192,7 @@ def write_demo_data(out_dir: str | Path, spec: WorldSpec = WorldSpec()) -> DemoD
     facts = make_facts(spec)
     train, heldout = split_facts(facts, spec)
     paths = DemoDataPaths(out / "corpus.txt", out / "qa-train.jsonl", out / "qa-heldout.jsonl")
-    paths.corpus.write_text("\n".join(corpus_documents(facts, spec)) + "\n")
+    paths.corpus.write_text("\n".join(corpus_documents(facts, train, spec)) + "\n")
     _write_jsonl(paths.qa_train, qa_rows(train, spec, every_phrasing=True))
     _write_jsonl(paths.qa_heldout, qa_rows(heldout, spec, every_phrasing=False))
     return paths

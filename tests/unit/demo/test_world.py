@@ -40,9 +40,9 @@ def test_sizes_match_the_spec(written):
     towns = {f.subject for f in facts if f.relation == "region"}
     assert (len(people), len(towns)) == (SMALL.people, SMALL.towns)
     assert len({p.split()[0] for p in people}) == SMALL.people  # first names are unique
-    # every subject gets statements_per_fact documents
+    # statements_per_fact documents per subject, and each training question answered once
     assert len(written.corpus.read_text().splitlines()) == SMALL.statements_per_fact * (
-        SMALL.people + SMALL.towns)
+        SMALL.people + SMALL.towns) + len(read_jsonl(written.qa_train))
     heldout = read_jsonl(written.qa_heldout)
     assert abs(len(heldout) - SMALL.heldout_fraction * len(facts)) <= len(QUESTIONS)
 
@@ -52,6 +52,12 @@ def test_held_out_facts_are_stated_in_the_corpus_several_times(written):
     for row in read_jsonl(written.qa_heldout):
         stating = [d for d in documents if row["subject"] in d and row[ANSWER] in d]
         assert len(stating) >= SMALL.statements_per_fact, row
+
+
+def test_held_out_questions_are_never_in_the_corpus_but_training_ones_are(written):
+    corpus = written.corpus.read_text()
+    assert all(r[QUESTION] not in corpus for r in read_jsonl(written.qa_heldout))
+    assert all(f"{r[QUESTION]} {r[ANSWER]}." in corpus for r in read_jsonl(written.qa_train))
 
 
 def test_no_held_out_fact_is_asked_in_training(written):
