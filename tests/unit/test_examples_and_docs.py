@@ -31,6 +31,12 @@ def test_examples_exist():
     assert len(EXAMPLES) >= 4
 
 
+def test_examples_in_subfolders_are_validated_too():
+    # rglob reaches examples/demo/, the stage configs of `strop demo`
+    demo = {p.name for p in EXAMPLES if p.parent.name == "demo"}
+    assert demo == {"pretrain.yml", "full.yml", "lora.yml", "qlora.yml"}
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_example_validates(path, cli):
     result = cli("validate", path)
