@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import platform
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,22 +55,3 @@ def detect() -> DeviceCaps:
     cuda = torch.cuda.is_available()
     cuda_bf16 = bool(cuda and torch.cuda.is_bf16_supported())
     return DeviceCaps(cuda=cuda, cuda_bf16=cuda_bf16, cpu_bf16=cpu_bf16, cpu_name=name)
-
-
-def return_freed_memory_promptly() -> bool:
-    """Fix glibc's mmap threshold at 64 KiB so freed tensors go back to the OS at once.
-
-    By default glibc raises the threshold up to 32 MiB as large blocks are freed; tensors under
-    it then live in the heap, which keeps its high-water mark: the resident set stays far above
-    what is alive (3x on a tiny model, where the logits dominate) and depends on the order of
-    past allocations. With a fixed threshold the resident set follows live tensors, which is what
-    strop plan predicts and a laptop user wants. Returns False where there is no glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if sys.platform != "linux" or not name:
-        return False
-    m_mmap_threshold = -3  # from malloc.h
-    return bool(ctypes.CDLL(name).mallopt(m_mmap_threshold, 64 * 1024))

@@ -130,7 +130,9 @@ def corpus_documents(facts: list[Fact], train: list[Fact], spec: WorldSpec) -> l
     many notes about each town. The full name is in every sentence, never a pronoun, so each
     statement links the name to the value directly.
 
-    The training facts' questions are in it too, answered ("Where does X live? Tisei."): a small
+    The training facts' questions are in it too, answered in the prompt form the fine-tunes use
+    ("Question: Where does X live? Answer: Tisei."; with a full stop, where the fine-tunes
+    learn to stop after the bare answer): a small
     model that has only read biographies stores a fact keyed to "X lives in", and fine-tuning
     alone does not teach it to fetch the fact from a question; reading some questions while it
     stores the facts does (mixed training, Allen-Zhu & Li, Physics of LMs 3.1). Held-out
@@ -149,7 +151,8 @@ def corpus_documents(facts: list[Fact], train: list[Fact], spec: WorldSpec) -> l
             rng.shuffle(sentences)
             documents.append(" ".join(sentences))
     for fact in train:
-        documents += [f"{q.format(name=fact.subject)} {fact.value}." for q in QUESTIONS[fact.relation]]
+        documents += [f"Question: {q.format(name=fact.subject)} Answer: {fact.value}."
+                      for q in QUESTIONS[fact.relation]]
     rng.shuffle(documents)
     return documents
 

@@ -60,7 +60,8 @@ class Prompter:
         except RowProblem as problem:
             raise RowProblem(problem.field, f"{problem.problem} (rows must be in the run's "
                                             f"{self.format_name} format)") from None
-        return Prompt(text, reference, not isinstance(self.format, ChatTemplate))
+        return Prompt(token_boundary(text, self.tokenizer), reference,
+                      not isinstance(self.format, ChatTemplate))
 
     # -------------------------------------------------------------------------------- chat
     @property
@@ -90,8 +91,8 @@ class Prompter:
             for i in range(0, len(history) - 1, 2):
                 row = self._format_row(history[i]["content"], system)
                 parts.append(self.format.render_prompt(row) + history[i + 1]["content"] + eos)
-            parts.append(self.format.render_prompt(self._format_row(history[-1]["content"],
-                                                                    system)))
+            parts.append(token_boundary(self.format.render_prompt(
+                self._format_row(history[-1]["content"], system)), self.tokenizer))
             return Prompt("".join(parts), None, True)
         lines = ([system] if system else []) + [m["content"] for m in history]
         return Prompt("\n".join(lines) + "\n", None, True)
@@ -108,6 +109,30 @@ class Prompter:
         if system:
             row[keys[1]] = system
         return row
+
+
+def token_boundary(prompt: str, tokenizer: Any) -> str:
+    """The prompt without trailing spaces that training tokenized as part of the response.
+
+    Training tokenizes prompt and response as one string, so with a byte-level BPE a format
+    ending in "Answer: " trained the model on "Answer:" followed by " Paris" (one token). A
+    prompt ending in a lone " " token asks for what it never saw; without the space the model
+    writes " Paris" itself. Checked on the tokenizer, not assumed: the spaces are dropped only
+    when the prompt's tokens are not a prefix of the tokens of the prompt followed by a word,
+    and the trimmed prompt's are.
+    """
+    trimmed = prompt.rstrip(" ")
+    if trimmed == prompt or not trimmed:
+        return prompt
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    joined = ids(prompt + "word")
+    as_is, cut = ids(prompt), ids(trimmed)
+    if joined[:len(as_is)] != as_is and joined[:len(cut)] == cut:
+        return trimmed
+    return prompt
 
 
 def read_prompt_file(path: Path) -> list[dict[str, Any]]:

@@ -128,12 +128,6 @@ def setup(loaded: LoadedConfig, overwrite: bool = False) -> Run:
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     precision = resolve_precision(cfg)
-    if precision.device == "cpu":
-        # RAM follows the live tensors, as strop plan predicts, instead of glibc's heap keeping
-        # the high-water mark of every step's freed activations.
-        from strop.device import return_freed_memory_promptly
-
-        return_freed_memory_promptly()
 
     # A tokenizer trained for a from-scratch run is saved in output_dir and reused on resume.
     tokenizer = load_tokenizer(cfg)

@@ -57,7 +57,8 @@ def test_held_out_facts_are_stated_in_the_corpus_several_times(written):
 def test_held_out_questions_are_never_in_the_corpus_but_training_ones_are(written):
     corpus = written.corpus.read_text()
     assert all(r[QUESTION] not in corpus for r in read_jsonl(written.qa_heldout))
-    assert all(f"{r[QUESTION]} {r[ANSWER]}." in corpus for r in read_jsonl(written.qa_train))
+    assert all(f"Question: {r[QUESTION]} Answer: {r[ANSWER]}." in corpus
+               for r in read_jsonl(written.qa_train))
 
 
 def test_no_held_out_fact_is_asked_in_training(written):

@@ -85,3 +85,22 @@ def test_read_prompt_file(tmp_path):
         read_prompt_file(tmp_path / "bad.jsonl")
     with pytest.raises(StropError, match="no such"):
         read_prompt_file(tmp_path / "missing.txt")
+
+
+def test_a_trailing_space_training_merged_into_the_answer_is_left_for_the_model(tok):
+    """Format "A: " trained "A:" + " Four" (one token); the prompt must end at "A:"."""
+    from strop.infer.prompts import token_boundary
+
+    cfg = _cfg({"path": "d.jsonl", "type": {"field_instruction": "q", "field_output": "a",
+                                           "format": "Q: {instruction} A: ",
+                                           "no_input_format": "Q: {instruction} A: "}})
+    row = {"q": "Two plus two?", "a": "Four"}
+    prompt = Prompter(cfg, tok).row(row).text
+    assert prompt == "Q: Two plus two? A:"
+    training = tok(make_format(cfg.datasets[0], cfg, tok).render(row).text,
+                   add_special_tokens=False)["input_ids"]
+    assert training[:len(tok(prompt, add_special_tokens=False)["input_ids"])] == \
+        tok(prompt, add_special_tokens=False)["input_ids"]
+    # A newline is its own token: nothing to take back.
+    assert token_boundary("Q: x\nA:\n", tok) == "Q: x\nA:\n"
+    assert token_boundary("Q: x A:", tok) == "Q: x A:"
