@@ -93,9 +93,9 @@ def apply_lora(model: nn.Module, cfg: StropConfig) -> tuple[PeftModel, AdapterRe
     )
 
     quiet_bitsandbytes_notice()  # PEFT imports bitsandbytes
-    from peft import PeftModel, get_peft_model
+    from peft import PeftModel
 
-    from strop.adapters.lora_config import build_lora_config
+    from strop.adapters.lora_config import build_lora_config, peft_wrap
 
     base_params = parameter_count(model)
     quantized = _quantized_label(model) if is_quantized(model) else None
@@ -113,8 +113,8 @@ def apply_lora(model: nn.Module, cfg: StropConfig) -> tuple[PeftModel, AdapterRe
                                  f"base_model ({_first_line(err)}); was it trained on a different "
                                  "base model or vocabulary?") from None
         else:
-            peft_model = get_peft_model(model, build_lora_config(model, cfg),
-                                        autocast_adapter_dtype=True)
+            peft_model = peft_wrap(model, build_lora_config(model, cfg),
+                                   autocast_adapter_dtype=True)
     _trainable_in_fp32(peft_model)
     report = _report(peft_model, base_params, quantized, cfg)
     return peft_model, report

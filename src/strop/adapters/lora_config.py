@@ -120,3 +120,15 @@ def build_lora_config(model: nn.Module, cfg: StropConfig) -> LoraConfig:
         bias="none",
         task_type=task,
     )
+
+
+def peft_wrap(model: nn.Module, lora_config: LoraConfig, **kwargs):
+    """PEFT's get_peft_model, without the deprecation notice PEFT triggers in transformers
+    (it asks `is_gradient_checkpointing`); the notice is addressed to PEFT, not to our users."""
+    import warnings
+
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        return get_peft_model(model, lora_config, **kwargs)

@@ -29,8 +29,9 @@ OUT = Path("demo-out")
 MARKER = ".strop-demo"  # says demo-out/ is the demo's own, so a new demo may replace it
 STAGES = ("pretrain", "full", "lora", "qlora")
 FINE_TUNES = ("full", "lora", "qlora")
-# The targets: fine-tuning must clearly teach the skill, LoRA must keep 95% of full
-# fine-tuning's exact match, QLoRA 95% of LoRA's.
+# The claims the demo checks: each fine-tune answers clearly more held-out questions exactly than
+# the pretrained model (by 50 points), LoRA keeps 95% of full fine-tuning's exact match, QLoRA
+# 95% of LoRA's.
 CLEARLY_ABOVE = 0.5
 KEEPS = 0.95
 
@@ -184,7 +185,7 @@ def _table(results: dict[str, StageResult], scores: dict[str, dict]):
     from rich.table import Table
 
     table = Table(title="strop demo: held-out questions, one seed")
-    for column in ("stage", "trained params", "weights on disk", "peak RSS (process)",
+    for column in ("stage", "trained params (of the base)", "weights on disk", "peak RSS (process)",
                    "plan: training memory", "train time", "exact match", "contains",
                    "eval loss"):
         table.add_column(column, justify="left" if column == "stage" else "right")
@@ -221,8 +222,9 @@ def _report(results: dict[str, StageResult], out: Path) -> Path:
 def _check_targets(scores: dict[str, dict], merged: Any, console) -> bool:
     em = {name: scores[name]["generation"]["exact_match"] for name in STAGES}
     checks = [
-        ("fine-tuning teaches the skill: full fine-tune clearly above the pretrained model",
-         em["full"] >= em["pretrain"] + CLEARLY_ABOVE),
+        (f"fine-tuning teaches the skill: full, LoRA and QLoRA each at least "
+         f"{CLEARLY_ABOVE:.0%} above the pretrained model",
+         min(em[name] for name in FINE_TUNES) >= em["pretrain"] + CLEARLY_ABOVE),
         (f"LoRA keeps {KEEPS:.0%} of full fine-tuning's exact match",
          em["lora"] >= KEEPS * em["full"]),
         (f"QLoRA keeps {KEEPS:.0%} of LoRA's exact match", em["qlora"] >= KEEPS * em["lora"]),

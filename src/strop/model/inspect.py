@@ -238,22 +238,15 @@ def _linear_groups(model: nn.Module, heads: set[str]) -> list[LinearGroup]:
 
 def lora_estimate(model: nn.Module, cfg: StropConfig) -> LoraEstimate:
     """What LoRA would train on this model with this config: PEFT's own wrapping, on meta."""
-    import warnings
-
     import torch
 
     from strop.adapters.lora import parameter_count, wrapped_module_counts
-    from strop.adapters.lora_config import build_lora_config
-    from strop.model.quantize import quiet_bitsandbytes_notice
-
-    quiet_bitsandbytes_notice()
-    from peft import get_peft_model
+    from strop.adapters.lora_config import build_lora_config, peft_wrap
 
     full = parameter_count(model)
     lora_config = build_lora_config(model, cfg)
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        peft_model = get_peft_model(model, lora_config)
+    with torch.device("meta"):
+        peft_model = peft_wrap(model, lora_config)
     trainable = parameter_count(peft_model, trainable_only=True)
     method = ("rs" if lora_config.use_rslora else "") + ("DoRA" if lora_config.use_dora else "LoRA")
     return LoraEstimate(method=method, r=lora_config.r, alpha=lora_config.lora_alpha,

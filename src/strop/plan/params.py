@@ -127,14 +127,13 @@ def count_params(model: nn.Module, cfg: StropConfig) -> ParamCounts:
             trainable_shapes=shapes, quantized_linears=quantized_linears,
             quantized_rows=quantized_rows)
 
-    from peft import get_peft_model
     from peft.tuners.lora import LoraLayer
 
-    from strop.adapters.lora_config import build_lora_config
+    from strop.adapters.lora_config import build_lora_config, peft_wrap
 
     lora_config = build_lora_config(model, cfg)
     with torch.device("meta"):
-        peft_model = get_peft_model(model, lora_config)
+        peft_model = peft_wrap(model, lora_config)
     adapter = saved = trainable_linear = 0
     trainable_params = [p for p in _unique_params(peft_model) if p.requires_grad]
     for name, param in peft_model.named_parameters():
