@@ -39,7 +39,8 @@ def prepare(work: Path, rows: int) -> dict:
     return {"model": str(model_dir), "train": str(train), "eval": str(evals)}
 
 
-def strop_config(paths: dict, out: Path, bf16: bool = True, packing: bool = True):
+def strop_config(paths: dict, out: Path, bf16: bool = True, packing: bool = True,
+                 grouped: bool = False):
     from strop.config import load_dict
 
     return load_dict({
@@ -51,6 +52,7 @@ def strop_config(paths: dict, out: Path, bf16: bool = True, packing: bool = True
         "learning_rate": LR, "lr_scheduler": "cosine", "optimizer": "adamw_torch_fused",
         "bf16": "auto" if bf16 else False, "output_dir": str(out), "logging_steps": 1,
         "seed": 0, "dataset_prepared_path": str(out.parent / "prepared"),
+        "group_by_length": grouped,
     })
 
 
@@ -66,10 +68,12 @@ def token_rows(paths: dict) -> tuple[list, list]:
         [data.eval[i] for i in range(len(data.eval))]
 
 
-def run_strop(paths: dict, out: Path, bf16: bool) -> dict:
+def run_strop(paths: dict, out: Path, bf16: bool, packing: bool = True,
+              grouped: bool = False) -> dict:
     from strop.train.loop import train
 
-    summary = train(strop_config(paths, out, bf16=bf16), overwrite=True)
+    summary = train(strop_config(paths, out, bf16=bf16, packing=packing, grouped=grouped),
+                    overwrite=True)
     return {"train_seconds": summary["train_seconds"], "adapter": str(out)}
 
 
@@ -81,10 +85,9 @@ def run_trl(paths: dict, out: Path, best: bool) -> dict:
 
     tok = AutoTokenizer.from_pretrained(paths["model"])
     train_rows, _ = token_rows(paths)
-    # Pre-tokenized rows with a completion mask: TRL then trains on exactly the tokens strop
-    # trains on.
-    data = Dataset.from_list([{"input_ids": r["input_ids"],
-                               "completion_mask": [int(x != -100) for x in r["labels"]]}
+    # Pre-tokenized rows with their labels (-100 where not trained): TRL then trains on exactly
+    # the tokens strop trains on (TRL 1.16 wants `labels` when it skips its own preparation).
+    data = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]}
                               for r in train_rows])
     model = AutoModelForCausalLM.from_pretrained(paths["model"])
     args = SFTConfig(output_dir=str(out), per_device_train_batch_size=MICRO,
@@ -130,6 +133,9 @@ def trained_tokens(paths: dict) -> int:
 
 CONTENDERS = {
     "strop": lambda paths, out: run_strop(paths, out, bf16=True),
+    "strop_unpacked": lambda paths, out: run_strop(paths, out, bf16=True, packing=False),
+    "strop_grouped": lambda paths, out: run_strop(paths, out, bf16=True, packing=False,
+                                                  grouped=True),
     "trl_default": lambda paths, out: run_trl(paths, out, best=False),
     "trl_best": lambda paths, out: run_trl(paths, out, best=True),
 }
