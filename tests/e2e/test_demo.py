@@ -25,7 +25,7 @@ def test_a_tiny_demo_runs_every_stage_and_checks_its_claims(tmp_path, monkeypatc
         assert stage in text
     assert (out / "lora-merged" / "model.safetensors").exists()
     assert (out / "report" / "report.html").exists()
-    assert "held-out exact match" in text and "plan" in text
+    assert "exact match on held-out questions" in text and "plan" in text
     # Two steps teach nothing: the claims fail and the demo says so with a non-zero status.
     assert code == 1 and "FAIL" in text
     assert "pass  the merged LoRA model gives the adapter's logits" in text
