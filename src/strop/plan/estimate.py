@@ -82,21 +82,20 @@ def compute_bytes_for(cfg: StropConfig, device: str, bf16_supported: bool) -> in
 
 
 def setup_for(cfg: StropConfig, device: str = "cuda", bf16_supported: bool = True,
-              world_size: int = 1, sharding: str = "ddp", hf_config: Any = None) -> Setup:
+              world_size: int = 1, sharding: str = "ddp", *, hf_config: Any) -> Setup:
     """The Setup of `cfg` on a device of this kind, as strop's loop trains it.
 
-    With the model's config, the plan knows what the loop does to it: a plain causal-LM head
+    The model's config (ModelFacts.hf_config) says what the loop does to it: a plain causal-LM head
     goes through strop's fused chunked loss (strop.train.loss), and a family whose attention
     strop can run without a mask (strop.model.attention) never gets the 4-D mask.
     """
     from strop.model.attention import supports_varlen
     from strop.train.loss import LOSS_CHUNK_ROWS
 
-    plain_head = hf_config is not None and cfg.objective == "causal_lm" and not any(
-        getattr(hf_config.get_text_config(), key, None)
-        for key in ("final_logit_softcapping", "logit_scale"))
-    mask_free = hf_config is not None and cfg.objective == "causal_lm" and \
-        supports_varlen(hf_config, cfg.sequence_len)
+    causal = cfg.objective == "causal_lm"
+    plain_head = causal and not any(getattr(hf_config.get_text_config(), key, None)
+                                    for key in ("final_logit_softcapping", "logit_scale"))
+    mask_free = causal and supports_varlen(hf_config, cfg.sequence_len)
     return Setup(
         mode=training_mode(cfg),
         micro_batch=cfg.micro_batch_size,
@@ -115,7 +114,7 @@ def setup_for(cfg: StropConfig, device: str = "cuda", bf16_supported: bool = Tru
         masked=not mask_free and (cfg.sample_packing or bool(cfg.pad_to_sequence_len)
                                   or cfg.micro_batch_size > 1),
         fused_loss=plain_head,
-        logits_chunk=LOSS_CHUNK_ROWS if cfg.objective == "causal_lm" else None,
+        logits_chunk=LOSS_CHUNK_ROWS if causal else None,
     )
 
 

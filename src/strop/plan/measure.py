@@ -21,7 +21,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ class Case:
     steps: int = 4
     device: str = "cpu"
     threads: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def strop_config(self, config_json: Path) -> dict[str, Any]:
         """The same run as a strop config (for `strop plan` to predict); the model's
@@ -106,9 +105,10 @@ def return_freed_memory_promptly() -> bool:
     it then live in the heap, which keeps its high-water mark: the resident set stays far above
     what is alive (3x on a tiny model, where the logits dominate) and depends on the order of
     past allocations. With a fixed threshold the resident set follows live tensors, which is what
-    strop plan predicts. (strop train does not do this: fresh pages for every freed tensor
-    cost page faults, measured 2.7x slower training on a 2-core CPU; its resident set on CPU can
-    therefore sit above the prediction, by up to a quarter on tiny models.) Returns False where there is no glibc.
+    strop plan predicts. (strop train does not do this: fresh pages for every freed tensor cost
+    page faults, measured 2.7x slower training on a 2-core CPU; its resident set on CPU can
+    therefore sit above the prediction, by up to a quarter on tiny models.) Returns False where
+    there is no glibc.
     """
     import ctypes
     import ctypes.util
@@ -174,19 +174,22 @@ def _child(case: Case) -> dict[str, Any]:
         loaded = load_dict(_strop_files(case, torch, work))
         baseline = _rss_bytes("VmRSS")
         _reset_peak_rss()
-        train(loaded)
+        summary = train(loaded)
         peak = _rss_bytes("VmHWM") - baseline
         metrics = (work / "run" / "metrics.jsonl").read_text().splitlines()
-    # Per-step throughput after the first step (which pays one-off costs), as the harness does.
+    # Per-step throughput after the first step, which pays one-off costs.
     speeds = [row["tokens_per_s"] for row in map(json.loads, metrics)
               if row.get("step", 0) > 1 and "tokens_per_s" in row]
-    return {
+    result = {
         "name": case.name,
         "baseline_rss": baseline,
         "peak_rss_growth": peak,
         "tokens_per_second": sorted(speeds)[len(speeds) // 2] if speeds else 0.0,
         "threads": torch.get_num_threads(),
     }
+    if case.device == "cuda":  # strop train's own peak there is torch.cuda.max_memory_allocated
+        result["peak_allocated"] = summary["peak_memory_bytes"]
+    return result
 
 
 if __name__ == "__main__":

@@ -82,7 +82,8 @@ class MemoryEstimate:
 
 def _residual_bytes(setup: Setup) -> int:
     # The residual stream takes the dtype of the embeddings and norms: fp32 for full training
-    # and for a k-bit base (PEFT upcasts them), the compute dtype for a LoRA base.
+    # and for a k-bit base (its fp32 norms turn the stream fp32 from the first layer on), the
+    # compute dtype for a LoRA base.
     return setup.compute_bytes if setup.mode == "lora" else tm.FP32
 
 
@@ -91,16 +92,16 @@ def weight_bytes(params: ParamCounts, setup: Setup) -> dict[str, float]:
     c = setup.compute_bytes
     if setup.mode == "full":
         return {"weights": tm.FP32 * params.total}
-    if setup.mode in ("qlora", "lora8"):
-        if setup.mode == "qlora":
-            base = tm.nf4_bytes(params.quantized, setup.double_quant, params.quantized_linears)
-        else:
-            base = tm.int8_bytes(params.quantized, params.quantized_rows)
-        # Norms in fp32, embeddings and head in the compute dtype (strop.model.quantize).
-        base += tm.FP32 * params.norms_and_biases
-        base += c * (params.total - params.quantized - params.norms_and_biases)
+    if setup.mode == "qlora":
+        base = tm.nf4_bytes(params.quantized, setup.double_quant, params.quantized_linears)
+    elif setup.mode == "lora8":
+        base = tm.int8_bytes(params.quantized, params.quantized_rows)
     else:
-        base = c * params.total
+        base = 0.0
+    # Norms of a k-bit base in fp32, everything else unquantized in the compute dtype
+    # (strop.model.quantize); a LoRA base has no norms apart (norms_and_biases is in total).
+    fp32_norms = params.norms_and_biases if params.quantized else 0
+    base += tm.FP32 * fp32_norms + c * (params.total - params.quantized - fp32_norms)
     return {"weights": base, "lora_weights": tm.FP32 * params.trainable}
 
 
@@ -152,7 +153,7 @@ def activation_bytes(shape: ModelShape, params: ParamCounts, setup: Setup) -> di
     head = tm.head_activation_bytes(shape, mode=setup.mode, compute_bytes=c, residual_bytes=rb,
                                     head_trainable=head_trainable and not setup.fused_loss)
     if setup.fused_loss:
-        head_weight = tm.FP32 if setup.mode == "full" else c
+        head_weight = tm.FP32 if head_trainable else c
         loss_peak, loss_kept = tm.fused_loss_bytes(
             shape.vocab, shape.hidden, tokens, setup.logits_chunk or tokens, compute_bytes=c,
             hidden_bytes=rb, head_trainable=head_trainable, head_weight_bytes=head_weight)

@@ -51,7 +51,7 @@ class ParamCounts:
 
     def by_dtype(self, mode: str, compute_bytes: int) -> dict[str, int]:
         """Parameters per storage dtype under strop's policy (see storage_policy)."""
-        frozen, trainable_name = storage_policy(mode, compute_bytes)
+        frozen, trainable_name = storage_policy(compute_bytes)
         counts: Counter[str] = Counter()
         counts[trainable_name] += self.trainable
         # Under LoRA the whole base stays (modules_to_save keep their frozen originals beside
@@ -70,7 +70,7 @@ class ParamCounts:
 _DTYPE_NAMES = {4: "float32", 2: "bfloat16"}
 
 
-def storage_policy(mode: str, compute_bytes: int) -> tuple[str, str]:
+def storage_policy(compute_bytes: int) -> tuple[str, str]:
     """(dtype of frozen floating-point parameters, dtype of trainable ones).
 
     Trainable parameters are kept in fp32 (they are their own master copy; autocast makes the
