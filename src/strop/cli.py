@@ -281,11 +281,9 @@ def _quiet_loading() -> None:
 def _device(device: str) -> str:
     if device not in ("cpu", "cuda", "auto", "mps"):
         raise StropError(f"--device {device}: use cpu, cuda, mps or auto")
-    if device == "auto":
-        import torch
+    from strop.device import detect
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return detect().resolve(device)
 
 
 @app.command()

@@ -30,5 +30,8 @@ class ConfigError(StropError):
         super().__init__(head, problems)
 
 
-class NotBuiltYet(StropError):
-    """A verb or feature that strop will have but does not have yet."""
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """The first line of a library's error message (at most `limit` characters), or the
+    exception's type when it has no message: what goes in parentheses in a StropError."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__

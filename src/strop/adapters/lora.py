@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from strop.errors import StropError
+from strop.errors import StropError, first_line
 
 if TYPE_CHECKING:
     import torch.nn as nn
@@ -86,16 +86,13 @@ def parameter_count(model: nn.Module, trainable_only: bool = False) -> int:
 def apply_lora(model: nn.Module, cfg: StropConfig) -> tuple[PeftModel, AdapterReport]:
     """Wrap `model` with the config's LoRA adapter (or the one in lora_model_dir, to continue
     training it); base weights frozen, adapter weights trainable and in fp32."""
-    from strop.model.quantize import (
-        is_quantized,
-        prepare_for_kbit_training,
-        quiet_bitsandbytes_notice,
-    )
-
-    quiet_bitsandbytes_notice()  # PEFT imports bitsandbytes
     from peft import PeftModel
 
     from strop.adapters.lora_config import build_lora_config, peft_wrap
+    from strop.model.quantize import (
+        is_quantized,
+        prepare_for_kbit_training,
+    )
 
     base_params = parameter_count(model)
     quantized = _quantized_label(model) if is_quantized(model) else None
@@ -110,7 +107,7 @@ def apply_lora(model: nn.Module, cfg: StropConfig) -> tuple[PeftModel, AdapterRe
                 peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
             except (RuntimeError, ValueError, KeyError) as err:
                 raise StropError(f"lora_model_dir {adapter_dir}: this adapter does not fit "
-                                 f"base_model ({_first_line(err)}); was it trained on a different "
+                                 f"base_model ({first_line(err, 300)}); was it trained on a different "
                                  "base model or vocabulary?") from None
         else:
             peft_model = peft_wrap(model, build_lora_config(model, cfg),
@@ -184,7 +181,3 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     """adapter_config.json of a PEFT adapter directory, as a dict."""
     return json.loads((_adapter_dir(directory, "adapter") / "adapter_config.json").read_text())
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from strop.errors import StropError
+from strop.errors import StropError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -181,7 +181,7 @@ def _load_tokenizer(located: MergeSource) -> Any:
         return AutoTokenizer.from_pretrained(located.tokenizer_dir, trust_remote_code=trust)
     except (OSError, ValueError) as err:
         raise StropError(f"cannot load the tokenizer from {located.tokenizer_dir} "
-                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                         f"({first_line(err)}); "
                          "the run directory should hold it") from None
 
 
@@ -240,9 +240,6 @@ def _save_dtype(requested: str, located: MergeSource) -> torch.dtype:
 def _attach_adapter(model: nn.Module, located: MergeSource) -> nn.Module:
     import warnings
 
-    from strop.model.quantize import quiet_bitsandbytes_notice
-
-    quiet_bitsandbytes_notice()
     from peft import PeftModel
 
     try:
@@ -251,7 +248,7 @@ def _attach_adapter(model: nn.Module, located: MergeSource) -> nn.Module:
             return PeftModel.from_pretrained(model, str(located.adapter_dir))
     except (RuntimeError, ValueError, KeyError) as err:
         raise StropError(f"{located.adapter_dir}: the adapter does not fit {located.base_model} "
-                         f"({str(err).splitlines()[0][:300]}); give the base it was trained on "
+                         f"({first_line(err, 300)}); give the base it was trained on "
                          "with --base") from None
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from strop.errors import StropError
+from strop.errors import StropError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -76,9 +76,6 @@ def load_for_inference(target: Path | str, device: str = "cpu", dtype: torch.dty
     """Model (eval mode), tokenizer and the run's config (None for a plain model directory)."""
     import torch
 
-    from strop.model.quantize import quiet_bitsandbytes_notice
-
-    quiet_bitsandbytes_notice()
     run = run_dir_of(Path(target))
     cfg = run_config(run)
     dtype = dtype or torch.float32
@@ -124,7 +121,7 @@ def _tokenizer(run: Path, cfg: StropConfig | None) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        first = first_line(err, 200)
         raise StropError(f"cannot load the tokenizer from {source} ({first})") from None
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token

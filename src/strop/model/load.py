@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from strop.errors import StropError
+from strop.errors import StropError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -37,9 +37,6 @@ def load_model(cfg: StropConfig, tokenizer: Any, device: str = "cpu",
     """
     import torch
 
-    from strop.model.quantize import quiet_bitsandbytes_notice
-
-    quiet_bitsandbytes_notice()  # transformers and PEFT import bitsandbytes
     dtype = dtype or torch.float32
     device = _resolve_device(device)
     attention = available_attention(cfg.attention, device)
@@ -184,7 +181,7 @@ def from_pretrained(cls, source: str, *, dtype: torch.dtype, device: str = "cpu"
     try:
         return cls.from_pretrained(source, **kwargs)
     except OSError as err:
-        raise StropError(f"{key} {source}: cannot load it ({_first_line(err)}); offline, download "
+        raise StropError(f"{key} {source}: cannot load it ({first_line(err)}); offline, download "
                          "it first (huggingface-cli download) and point to the local "
                          "directory") from None
 
@@ -195,10 +192,6 @@ def _check_local_path(source: str, key: str) -> None:
         raise StropError(f"{key}: {source} does not exist; give a model directory (config.json + "
                          "weights) or a hub id")
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 # ------------------------------------------------------------------------------------ scratch

@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from strop.errors import StropError
+from strop.errors import StropError, first_line
 
 # Written beside a trained tokenizer: what it was trained on, so an unchanged corpus reuses it.
 TRAINED_KEY_FILE = "strop-tokenizer-key.json"
@@ -48,7 +48,7 @@ def _from_pretrained(cfg):
         return cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError, ImportError) as err:
         where = "a local directory" if Path(source).exists() else "the Hugging Face hub"
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        first = first_line(err, 200)
         raise StropError(f"cannot load the tokenizer {source!r} from {where} ({first}); check "
                          "the path or id, or set tokenizer_config") from None
 
