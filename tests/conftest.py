@@ -80,6 +80,17 @@ def tiny_corpus(rows: int = 400, seed: int = 0) -> list[str]:
             for _ in range(rows)]
 
 
+def write_alpaca(path: Path, texts: int, seed: int) -> Path:
+    """Alpaca rows (instruction, empty input, output) from tiny_corpus text, two texts a row."""
+    import json
+
+    lines = tiny_corpus(texts, seed=seed)
+    path.write_text("".join(json.dumps({"instruction": lines[i], "input": "",
+                                        "output": lines[i + 1]}) + "\n"
+                            for i in range(0, len(lines), 2)))
+    return path
+
+
 def make_tokenizer(kind: str = "bpe", vocab_size: int = 512):
     from strop.config.schema import PretrainTokenizer
     from strop.model.tokenizer_train import train_tokenizer

@@ -22,7 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import tiny_corpus
+from conftest import tiny_corpus, write_alpaca
 from strop.config import load_dict
 from strop.train.loop import train
 
@@ -31,12 +31,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def alpaca(tmp_path_factory) -> Path:
-    texts = tiny_corpus(240, seed=3)
-    path = tmp_path_factory.mktemp("data") / "alpaca.jsonl"
-    path.write_text("".join(json.dumps({"instruction": texts[i], "input": "",
-                                        "output": texts[i + 1]}) + "\n"
-                            for i in range(0, len(texts), 2)))
-    return path
+    return write_alpaca(tmp_path_factory.mktemp("data") / "alpaca.jsonl", 240, seed=3)
 
 
 @pytest.fixture(scope="module")

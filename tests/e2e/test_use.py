@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_corpus
+from conftest import write_alpaca
 from strop.config import load_dict
 from strop.train.loop import train
 
@@ -23,12 +23,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def alpaca(tmp_path_factory) -> Path:
-    texts = tiny_corpus(120, seed=5)
-    path = tmp_path_factory.mktemp("use-data") / "alpaca.jsonl"
-    path.write_text("".join(json.dumps({"instruction": texts[i], "input": "",
-                                        "output": texts[i + 1]}) + "\n"
-                            for i in range(0, len(texts), 2)))
-    return path
+    return write_alpaca(tmp_path_factory.mktemp("use-data") / "alpaca.jsonl", 120, seed=5)
 
 
 @pytest.fixture(scope="module")

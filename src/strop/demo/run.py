@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from strop.config import load_config
 from strop.demo.world import WorldSpec, write_demo_data
 from strop.errors import StropError
+from strop.plan.report import count_text, size_text
 
 OUT = Path("demo-out")
 MARKER = ".strop-demo"  # says demo-out/ is the demo's own, so a new demo may replace it
@@ -49,13 +51,11 @@ def stage_configs() -> Path:
 
 @dataclass
 class StageResult:
-    name: str
     run_dir: Path
-    summary: dict[str, Any]
-    wall_seconds: float
-    trainable: int | None = None
-    total_params: int | None = None
-    planned_bytes: float | None = None
+    summary: dict[str, Any]   # the run's summary.json
+    trainable: int
+    total_params: int
+    planned_bytes: float      # strop plan's training memory on this CPU
 
 
 def _claim_output_dir(out: Path, console) -> None:
@@ -70,12 +70,11 @@ def _claim_output_dir(out: Path, console) -> None:
     (out / MARKER).write_text("written by strop demo; the next demo replaces this directory\n")
 
 
-def _plan(config: Path, console) -> tuple[int, int, float]:
+def _plan(cfg, console) -> tuple[int, int, float]:
     """`strop plan` for a stage on this CPU: (parameters, trainable, predicted peak bytes)."""
-    from strop.config import load_config
     from strop.plan.report import build_plan
 
-    plan = build_plan(load_config(config).cfg, gpu="cpu")
+    plan = build_plan(cfg, gpu="cpu")
     row = plan["devices"][0]
     params = plan["params"]
     hours = row["hours"]
@@ -87,15 +86,17 @@ def _plan(config: Path, console) -> tuple[int, int, float]:
     return params["total"], params["trainable"], row["total_bytes"]
 
 
-def _train(config: Path, overrides: Sequence[str]) -> float:
-    """`strop train` in its own process (its peak memory is then its own); wall seconds."""
-    started = time.perf_counter()
+def _train(config: Path, overrides: Sequence[str]) -> None:
+    """`strop train` in its own process, so its peak memory is its own."""
     proc = subprocess.run([sys.executable, "-m", "strop", "train", str(config), *overrides],
                           check=False)
     if proc.returncode != 0:
         raise StropError(f"strop train {config} failed (exit {proc.returncode}); its output is "
                          "above")
-    return time.perf_counter() - started
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines())
 
 
 def _size_on_disk(run_dir: Path) -> int:
@@ -119,19 +120,20 @@ def run_demo(console=None, spec: WorldSpec | None = None, overrides: Sequence[st
     console.rule("1. a synthetic world")
     data = write_demo_data(out / "data", spec or WorldSpec())
     heldout = data.qa_heldout
-    console.print(f"{data.corpus}: {sum(1 for _ in data.corpus.open())} documents; "
-                  f"{data.qa_train}: {sum(1 for _ in data.qa_train.open())} questions to "
-                  f"train on; {heldout}: {sum(1 for _ in heldout.open())} held out")
+    console.print(f"{data.corpus}: {_lines(data.corpus)} documents; {data.qa_train}: "
+                  f"{_lines(data.qa_train)} questions to train on; {heldout}: "
+                  f"{_lines(heldout)} held out")
 
     results: dict[str, StageResult] = {}
     for number, name in enumerate(STAGES, start=2):
         config = configs / f"{name}.yml"
         console.rule(f"{number}. {name}: strop train {config.relative_to(configs.parents[1])}")
-        total, trainable, planned = _plan(config, console)
-        seconds = _train(config, overrides)
-        run_dir = out / name
+        cfg = load_config(config).cfg
+        total, trainable, planned = _plan(cfg, console)
+        _train(config, overrides)
+        run_dir = Path(cfg.output_dir)  # where the stage's config writes
         summary = json.loads((run_dir / "summary.json").read_text())
-        results[name] = StageResult(name, run_dir, summary, seconds, trainable, total, planned)
+        results[name] = StageResult(run_dir, summary, trainable, total, planned)
 
     console.rule("6. exact match on held-out questions")
     scores = _evaluate(results, heldout, console)
@@ -176,11 +178,6 @@ def _merge(adapter: Path, out: Path, console) -> Any:
     return result
 
 
-def _mib(n: float | None) -> str:
-    return "-" if n is None else f"{n / 2**20:,.0f} MiB" if n >= 100 * 2**20 \
-        else f"{n / 2**20:.1f} MiB"
-
-
 def _table(results: dict[str, StageResult], scores: dict[str, dict]):
     from rich.table import Table
 
@@ -194,22 +191,15 @@ def _table(results: dict[str, StageResult], scores: dict[str, dict]):
         score = scores.get(name) or {}
         generation = score.get("generation") or {}
         loss = score.get("loss") or {}
-        share = f" ({stage.trainable / stage.total_params:.1%})" \
-            if stage.trainable and stage.total_params else ""
+        share = f" ({stage.trainable / stage.total_params:.1%})"
         table.add_row(
-            name, f"{_count(stage.trainable)}{share}", _mib(_size_on_disk(stage.run_dir)),
-            _mib(stage.summary.get("peak_memory_bytes")), _mib(stage.planned_bytes),
+            name, f"{count_text(stage.trainable)}{share}", size_text(_size_on_disk(stage.run_dir)),
+            size_text(stage.summary.get("peak_memory_bytes")), size_text(stage.planned_bytes),
             f"{stage.summary.get('train_seconds', 0):.0f} s",
             f"{generation['exact_match']:.1%}" if generation else "-",
             f"{generation['contains']:.1%}" if generation else "-",
             f"{loss['eval_loss']:.3f}" if loss.get("eval_loss") is not None else "-")
     return table
-
-
-def _count(n: int | None) -> str:
-    if n is None:
-        return "-"
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
 
 
 def _report(results: dict[str, StageResult], out: Path) -> Path:

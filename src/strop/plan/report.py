@@ -231,7 +231,7 @@ def _assumptions(mfu: float | None) -> list[str]:
 
 # ----------------------------------------------------------------------------- text
 
-def _size(n: float | None) -> str:
+def size_text(n: float | None) -> str:
     if n is None:
         return "?"
     if abs(n) >= GiB:
@@ -239,7 +239,7 @@ def _size(n: float | None) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def _count(n: float | None) -> str:
+def count_text(n: float | None) -> str:
     if n is None:
         return "?"
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -266,17 +266,17 @@ def render_text(plan: dict[str, Any]) -> str:
              f"{'on' if plan['setup']['gradient_checkpointing'] else 'off'}, "
              f"{plan['setup']['attention']}, {plan['setup']['optimizer']}",
              "",
-             f"parameters  total {_count(p['total'])}, trainable {_count(p['trainable'])} "
+             f"parameters  total {count_text(p['total'])}, trainable {count_text(p['trainable'])} "
              f"({100 * p['trainable'] / max(p['total'], 1):.2f}%)"]
-    lines.append("            by dtype: " + ", ".join(f"{k} {_count(v)}"
+    lines.append("            by dtype: " + ", ".join(f"{k} {count_text(v)}"
                                                      for k, v in p["by_dtype"].items()))
     if "nf4_bits_per_param" in p:
         lines.append(f"            NF4 {p['nf4_bits_per_param']:.3f} bits/param (double "
                      f"quantization saves {p['double_quant_saving_bits_per_param']:.3f})")
     lines += ["", f"memory per device on {mem['device']} (peak at {mem['peak_phase']}):"]
     for name, value in sorted(mem["items"].items(), key=lambda kv: -kv[1]):
-        lines.append(f"  {name:<26} {_size(value):>12}")
-    lines.append(f"  {'total':<26} {_size(mem['total_bytes']):>12}")
+        lines.append(f"  {name:<26} {size_text(value):>12}")
+    lines.append(f"  {'total':<26} {size_text(mem['total_bytes']):>12}")
     lines += [f"  note: {n}" for n in mem["notes"]]
     lines += ["", "compute"]
     tokens = comp["tokens_per_epoch"]
@@ -284,16 +284,16 @@ def render_text(plan: dict[str, Any]) -> str:
         lines.append(f"  tokens per epoch  unknown: {', '.join(comp['datasets_not_on_disk'])} "
                      "is not on disk (time and cost are per million tokens)")
     else:
-        lines.append(f"  tokens per epoch  {_count(tokens)} ({comp['tokens_source']})")
-    lines.append(f"  FLOPs per token   {_count(comp['flops_per_token'])} "
-                 f"(model FLOPs {_count(comp['model_flops_per_token'])})")
+        lines.append(f"  tokens per epoch  {count_text(tokens)} ({comp['tokens_source']})")
+    lines.append(f"  FLOPs per token   {count_text(comp['flops_per_token'])} "
+                 f"(model FLOPs {count_text(comp['model_flops_per_token'])})")
     if comp["flops_total"] is not None:
         lines.append(f"  FLOPs total       {comp['flops_total']:.3g} over "
-                     f"{_count(comp['tokens_total'])} tokens")
+                     f"{count_text(comp['tokens_total'])} tokens")
     lines += ["", f"{'device':<34} {'fits':<18} {'tokens/s':>10} {'time':>9}  cost"]
     for row in plan["devices"]:
-        fit = (f"yes (+{_size(row['headroom_bytes'])})" if row["fits"]
-               else f"no ({_size(-row['headroom_bytes'])} over)")
+        fit = (f"yes (+{size_text(row['headroom_bytes'])})" if row["fits"]
+               else f"no ({size_text(-row['headroom_bytes'])} over)")
         costs = row["cost"] if row["hours"] is not None else row["cost_per_million_tokens"]
         unit = "" if row["hours"] is not None else "/M tok"
         cost = ", ".join(f"{k} ${v:,.2f}{unit}" for k, v in sorted(costs.items(), key=lambda kv: kv[1]))
@@ -313,7 +313,7 @@ def render_text(plan: dict[str, Any]) -> str:
         lines.append("nothing fits; each of these changes alone:")
         for s in plan.get("suggestions", []):
             where = ", ".join(s["fits_on"][:4]) if s["fits_on"] else "still nothing"
-            lines.append(f"  {s['change']:<58} {_size(s['total_bytes']):>11}  fits: {where}")
+            lines.append(f"  {s['change']:<58} {size_text(s['total_bytes']):>11}  fits: {where}")
     lines += ["", f"prices of {plan['prices']['date']} ({', '.join(plan['prices']['sources'])}); "
               "edit or pass --prices FILE"]
     lines += [f"assumes: {a}" for a in plan["assumptions"]]
