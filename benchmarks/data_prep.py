@@ -7,7 +7,9 @@ instruction/input/output rows (reading, alpaca formatting, tokenizing, masking, 
 `prepare_data` with the cache off); TRL gets the same rows already formatted as in-memory
 prompt/completion strings, and its figure is the `SFTTrainer(...)` construction that runs its
 dataset preparation, less the construction time on 8 rows (model, accelerate and args setup).
-Both get every core (`dataset_num_proc`).
+Both get every core (`dataset_num_proc`). strop tokenizes byte-level BPE with its verified
+tiktoken twin of the tokenizer (src/strop/data/fast_bpe.py) in forked worker processes; the
+token and trained-token totals printed for both sides show they produced the same rows.
 
     .venv/bin/pip install -e ".[bench]"
     .venv/bin/python benchmarks/data_prep.py            # 100k rows, strop and TRL
@@ -90,13 +92,22 @@ def run_strop(path: Path, tokenizer, sequence_len: int, workers: int) -> tuple[f
                      "trained_tokens": s.trained_tokens, "packing_efficiency": s.packing_efficiency}
 
 
-def tokenizer_floor(rows: list[dict[str, str]], tokenizer) -> float:
-    """Seconds the Rust tokenizer alone takes on the rows' own text (no template, no masking,
-    no packing): the floor under any preparation with this tokenizer on this machine."""
+def tokenizer_alone(rows: list[dict[str, str]], tokenizer) -> tuple[float, float | None]:
+    """Seconds the `tokenizers` library (all cores) and strop's tiktoken twin (one core) take on
+    the rows' own text alone (no template, no masking, no packing), for scale."""
+    from strop.data.fast_bpe import fast_bpe_for
+
     texts = [t for r in rows for t in (r["instruction"], r["input"], r["output"]) if t]
     start = time.perf_counter()
     tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-    return time.perf_counter() - start
+    hf = time.perf_counter() - start
+    twin = fast_bpe_for(tokenizer)
+    if twin is None:
+        return hf, None
+    start = time.perf_counter()
+    for text in texts:
+        twin.encoding.encode_ordinary(text)
+    return hf, time.perf_counter() - start
 
 
 def run_trl(rows: list[dict[str, str]], tokenizer, sequence_len: int, workers: int) -> tuple[float, dict]:
@@ -158,8 +169,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.sequence_len}, {args.workers} workers, {os.cpu_count()} cores")
         strop_s, strop_info = run_strop(path, tokenizer, args.sequence_len, args.workers)
     strop_rate = args.rows / strop_s
-    floor = tokenizer_floor(rows, tokenizer)
-    print(f"tokenizer alone (fields only) {floor:7.2f} s  {args.rows / floor:9,.0f} rows/s")
+    hf, twin = tokenizer_alone(rows, tokenizer)
+    print(f"fields only, tokenizers library ({os.cpu_count()} threads) {hf:7.2f} s  "
+          f"{args.rows / hf:9,.0f} rows/s")
+    if twin is not None:
+        print(f"fields only, tiktoken twin (1 thread)    {twin:7.2f} s  {args.rows / twin:9,.0f} rows/s")
     print(f"strop  {strop_s:7.2f} s  {strop_rate:9,.0f} rows/s  {json.dumps(strop_info)}")
     ok = strop_rate >= TARGET_ROWS_PER_S
     if not args.skip_trl:

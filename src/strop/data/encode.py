@@ -19,6 +19,7 @@ from itertools import chain
 
 import numpy as np
 
+from strop.data.fast_bpe import fast_bpe_for
 from strop.data.formats import Rendered
 from strop.data.rows import IGNORE, TokenRows
 from strop.errors import StropError
@@ -54,12 +55,15 @@ class Encoder:
         self.special = set(tokenizer.all_special_ids) | {
             i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if tok.special}
         self._cache: dict[str, list[int]] = {}
+        self.twin = fast_bpe_for(tokenizer)
         self.piecewise_ok = not self.fast or self._boundaries_split()
 
     # ---------------------------------------------------------------------------- helpers
     def _ids(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
+        if self.twin is not None:
+            return self.twin.ids(texts)
         if self.fast:
             return [e.ids for e in self.tokenizer.backend_tokenizer.encode_batch_fast(
                 texts, add_special_tokens=False)]

@@ -14,7 +14,6 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from strop.data.formats import RowProblem, make_format
 from strop.data.packing import blocks, efficiency, pack, split_long
 from strop.data.rows import IGNORE, TokenRows
 from strop.data.sources import MAX_ROW_BYTES, BadRow, iter_rows
+from strop.data.workers import ordered_map
 from strop.errors import StropError
 
 CHUNK = 2048          # rows rendered and tokenized together
@@ -150,22 +150,8 @@ def tokenize_dataset(ds, cfg, tokenizer, encoder: Encoder | None = None,
             done.append(rows.spans(rows.offsets[index], ends))
             wheres.extend(places[i] for i in index)
 
-    workers = _workers(cfg)
-    source = _chunks(iter_rows(ds, cache_dir), CHUNK)
-    if workers == 1:
-        for chunk in source:
-            take(work(chunk))
-    else:
-        # Rendering holds the GIL, tokenizing (Rust) releases it: threads overlap the two, with a
-        # bounded number of chunks in flight so a streamed corpus is never read all at once.
-        with ThreadPoolExecutor(workers) as pool:
-            pending: list[Future] = []
-            for chunk in source:
-                pending.append(pool.submit(work, chunk))
-                if len(pending) > 2 * workers:
-                    take(pending.pop(0).result())
-            for future in pending:
-                take(future.result())
+    for result in ordered_map(work, _chunks(iter_rows(ds, cache_dir), CHUNK), _workers(cfg)):
+        take(result)
     return Part(ds.path, TokenRows.concat(done), fmt.blocks, wheres, bad, counts, texts)
 
 
