@@ -11,7 +11,8 @@ Memory: on CPU, the growth of the resident set from just before `strop train` st
 high-water mark (VmHWM), loading, data and saving included, with freed memory returned to the
 OS at once (see return_freed_memory_promptly); on CUDA,
 torch.cuda.max_memory_allocated. Throughput: tokens per second of the logged steps after the
-first (which pays one-off costs: optimizer state creation, kernel selection).
+first (which pays one-off costs: optimizer state creation, kernel selection). Time steps with
+`trim_heap=False`: returning freed memory at once slows CPU training down (page faults).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Case:
     steps: int = 4
     device: str = "cpu"
     threads: int | None = None
+    trim_heap: bool = True                # see return_freed_memory_promptly; off to time steps
 
     def strop_config(self, config_json: Path) -> dict[str, Any]:
         """The same run as a strop config (for `strop plan` to predict); the model's
@@ -159,7 +161,7 @@ def _strop_files(case: Case, torch, work: Path) -> dict[str, Any]:
 
 
 def _child(case: Case) -> dict[str, Any]:
-    if case.device == "cpu":
+    if case.device == "cpu" and case.trim_heap:
         return_freed_memory_promptly()
     import bitsandbytes  # noqa: F401
     import peft  # noqa: F401

@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from strop.plan.cpu_speed import cpu_step_seconds
 from strop.plan.estimate import ModelFacts, flops_per_token, model_facts, setup_for, training_mode
 from strop.plan.hardware import Device, find_gpu, gpu_table, load_prices, this_cpu
 from strop.plan.math import nf4_bits_per_param
@@ -26,8 +27,8 @@ if TYPE_CHECKING:
 # each matmul, which costs about a third more time at the same FLOPs.
 GPU_MFU = 0.40
 QLORA_SLOWDOWN = 1.35
-# On a CPU the measured square matmul is the peak; small-model training spends as much again in
-# memory-bound work (norms, softmax, elementwise, the optimizer), so about half of it is reached.
+# This CPU's time comes from timing the step's pieces (strop.plan.cpu_speed); this MFU of a
+# measured matmul is used only when the CPU is not measured (tests) or --mfu says otherwise.
 CPU_MFU = 0.50
 
 
@@ -136,6 +137,18 @@ def _mfu(device: Device, setup: Setup, mfu: float | None) -> float:
     return base / QLORA_SLOWDOWN if setup.mode == "qlora" else base
 
 
+_cpu_timings: dict[tuple, float] = {}
+
+
+def _cpu_tokens_per_second(facts: ModelFacts, setup: Setup, accumulation: int) -> float:
+    """Timed once per setup in a process (suggestions re-plan the same setups)."""
+    key = (facts.shape, facts.params, tuple(sorted(asdict(setup).items())), accumulation)
+    if key not in _cpu_timings:
+        timing = cpu_step_seconds(facts.shape, facts.params, setup, accumulation)
+        _cpu_timings[key] = timing.tokens_per_second(setup.tokens)
+    return _cpu_timings[key]
+
+
 def _device_row(facts: ModelFacts, cfg: StropConfig, device: Device, world_size: int,
                 sharding: str, run_tokens: float | None, mfu: float | None,
                 setup: Setup | None = None) -> dict[str, Any]:
@@ -143,8 +156,13 @@ def _device_row(facts: ModelFacts, cfg: StropConfig, device: Device, world_size:
                                hf_config=facts.hf_config)
     memory = estimate_memory(facts.shape, facts.params, setup)
     peak = device.peak_flops(setup.compute_bytes, fp16=bool(cfg.fp16))
-    used_mfu = _mfu(device, setup, mfu)
-    tokens_per_second = world_size * peak * used_mfu / flops_per_token(facts, setup)
+    if device.kind == "cpu" and mfu is None and peak:
+        # This CPU: the step's own pieces timed at their shapes; the MFU shown is what that implies.
+        tokens_per_second = _cpu_tokens_per_second(facts, setup, cfg.gradient_accumulation_steps)
+        used_mfu = tokens_per_second * flops_per_token(facts, setup) / peak
+    else:
+        used_mfu = _mfu(device, setup, mfu)
+        tokens_per_second = world_size * peak * used_mfu / flops_per_token(facts, setup)
     hours = run_tokens / tokens_per_second / 3600 if run_tokens else None
     per_million = 1e6 / tokens_per_second / 3600
     return {
@@ -222,7 +240,9 @@ def _assumptions(mfu: float | None) -> list[str]:
     return [
         f"time = FLOPs / (peak x MFU); MFU {mfu or GPU_MFU:.0%} on GPUs "
         f"({(mfu or GPU_MFU) / QLORA_SLOWDOWN:.0%} for QLoRA, which dequantizes in every matmul), "
-        f"{mfu or CPU_MFU:.0%} of a measured matmul on this CPU",
+        + (f"{mfu:.0%} of a measured matmul on this CPU" if mfu else
+           "on this CPU, the step's own matmuls, attention, norms, loss and optimizer timed at "
+           "their shapes, x1.4 for what those probes leave out"),
         "trainable weights in fp32 with bf16/fp16 autocast; a LoRA base frozen in the compute "
         "dtype; a 4-bit base keeps its other weights in fp32",
         "gradient checkpointing recomputes each layer's forward: its FLOPs are counted in time",
