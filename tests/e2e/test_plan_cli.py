@@ -30,6 +30,13 @@ def test_mistral_qlora_text_report(cli):
     assert "RTX 4090" in out and "this CPU" in out and "cheapest that fits:" in out
 
 
+def test_this_cpu_alone_says_it_fits_and_times_the_step(cli):
+    result = cli("plan", REPO / "examples" / "demo" / "lora.yml", "--gpu", "cpu")
+    assert result.code == 0, result.err
+    assert "fits on this CPU" in result.out and "nothing fits" not in result.out
+    assert "timed at their shapes" in result.out
+
+
 def test_tokens_and_flops_from_a_local_dataset(cli, write_yaml, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"instruction": "word " * 60, "output": "ok"}) + "\n"

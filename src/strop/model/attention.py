@@ -52,13 +52,19 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True,
                                              scale=scaling, enable_gqa=gqa)
         return out.transpose(1, 2).contiguous(), None
-    out = torch.empty_like(query)
-    for b, row in enumerate(document_spans(position_ids)):
-        for start, end in row:
-            out[b:b + 1, :, start:end] = F.scaled_dot_product_attention(
-                query[b:b + 1, :, start:end], key[b:b + 1, :, start:end],
-                value[b:b + 1, :, start:end], dropout_p=dropout, is_causal=True, scale=scaling,
-                enable_gqa=gqa)
+    # unbind/split/cat rather than slicing and writing into an output tensor: their backward
+    # passes stack and concatenate, where a slice's backward writes each document's gradient
+    # into a zero tensor of the whole row (measured: a tenth of a packed step on a CPU).
+    rows = []
+    for q_row, k_row, v_row, spans in zip(query.unbind(0), key.unbind(0), value.unbind(0),
+                                          document_spans(position_ids), strict=True):
+        lengths = [end - start for start, end in spans]
+        rows.append(torch.cat([
+            F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                           scale=scaling, enable_gqa=gqa)
+            for q, k, v in zip(q_row.split(lengths, dim=1), k_row.split(lengths, dim=1),
+                               v_row.split(lengths, dim=1), strict=True)], dim=1))
+    out = torch.stack(rows)
     return out.transpose(1, 2).contiguous(), None
 
 

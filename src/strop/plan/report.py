@@ -329,6 +329,9 @@ def render_text(plan: dict[str, Any]) -> str:
         what = (f"${cheap['cost']:,.2f} for the run" if cheap["cost"] is not None
                 else f"${cheap['cost_per_million_tokens']:.3f} per million tokens")
         lines.append(f"cheapest that fits: {cheap['device']} on {cheap['provider']}, {what}")
+    elif plan.get("suggestions") is None:  # it fits, on devices without a price (this CPU)
+        fits_on = [r["device"] for r in plan["devices"] if r["fits"]]
+        lines.append(f"fits on {', '.join(fits_on)} (no rental price for it)")
     else:
         lines.append("nothing fits; each of these changes alone:")
         for s in plan.get("suggestions", []):
