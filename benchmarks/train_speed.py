@@ -179,12 +179,12 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:<14}{r['tokens_per_s']:>14.0f}{r['peak_rss'] / 2**20:>14.0f}"
               f"{r['eval_loss']:>11.4f}")
-    if "strop" in results:
-        s = results["strop"]
+    for name in (n for n in results if n.startswith("strop")):
+        s = results[name]
         for ref in ("trl_default", "trl_best"):
             if ref in results:
                 r = results[ref]
-                print(f"strop / {ref}: speed {s['tokens_per_s'] / r['tokens_per_s']:.2f}x, "
+                print(f"{name} / {ref}: speed {s['tokens_per_s'] / r['tokens_per_s']:.2f}x, "
                       f"peak RSS {s['peak_rss'] / r['peak_rss']:.2f}x, eval loss "
                       f"{100 * (s['eval_loss'] / r['eval_loss'] - 1):+.2f}%")
 
