@@ -87,9 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     for case, (predicted, predicted_speed) in zip(cases, predictions, strict=True):
         got = run_case(case)
         measured = got["peak_rss_growth"]
-        # Speed from a second run of 8 steps (the median of the 7 after the first) without the
-        # heap trimming the memory run needs: it slows CPU training; strop train does not trim.
-        speed = run_case(dataclasses.replace(case, trim_heap=False, steps=8))["tokens_per_second"]
+        # Speed from runs of 8 steps (the median of the 7 after the first) without the heap
+        # trimming the memory run needs: it slows CPU training; strop train does not trim. The
+        # faster of two runs: on a shared machine other work only ever slows a run down, and
+        # the plan's probes likewise keep their fastest pass.
+        timed = dataclasses.replace(case, trim_heap=False, steps=8)
+        speed = max(run_case(timed)["tokens_per_second"] for _ in range(2))
         memory_error = (predicted - measured) / measured
         speed_error = (predicted_speed - speed) / speed
         worst_memory = max(worst_memory, abs(memory_error))
