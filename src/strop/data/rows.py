@@ -57,6 +57,19 @@ class TokenRows(Sequence):
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    def attended_length(self) -> float:
+        """Token-weighted mean length of the documents (a packed row's documents, or each
+        row): how far, on average, a token's attention reaches over the full square. What the
+        attention term of FLOPs per token needs, where sequence_len overstates it."""
+        if self.packed:
+            starts = np.flatnonzero(np.asarray(self.position_ids) == 0)
+            bounds = np.union1d(starts, self.offsets)  # a row's end also ends its last document
+            docs = np.diff(bounds)
+        else:
+            docs = self.lengths
+        docs = docs[docs > 0].astype(np.float64)
+        return float((docs * docs).sum() / docs.sum()) if docs.size else 0.0
+
     @property
     def num_tokens(self) -> int:
         return int(self.offsets[-1])

@@ -171,7 +171,10 @@ def setup(loaded: LoadedConfig, overwrite: bool = False) -> Run:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     hf = unwrap(model)
-    flops = training_flops_per_token(hf.config, seq_len=cfg.sequence_len,
+    # Attention FLOPs follow the documents' real lengths, not sequence_len: short rows (or
+    # packed documents, which attend only within themselves) would otherwise inflate the MFU.
+    attended = min(cfg.sequence_len, max(1, round(data.train.attended_length())))
+    flops = training_flops_per_token(hf.config, seq_len=attended,
                                      trainable_params=trainable, total_params=total)
     eval_every = _every(steps_per_epoch, cfg.eval_steps, cfg.evals_per_epoch) \
         if eval_plan is not None else None

@@ -142,3 +142,17 @@ def test_a_cache_defeats_the_packed_mask(llama):
         leaky = model(input_ids=ids, position_ids=positions).logits[:, 5:]
     torch.testing.assert_close(isolated, alone, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(leaky, alone, atol=1e-3)
+
+
+def test_attended_length_is_the_token_weighted_document_length():
+    import numpy as np
+
+    from strop.data.rows import TokenRows
+
+    ids = np.arange(10, dtype=np.int32)
+    rows = TokenRows(ids, ids, np.array([0, 4, 10]))  # rows of 4 and 6 tokens
+    assert rows.attended_length() == (4 * 4 + 6 * 6) / 10
+    # One packed row of documents 2, 3 and 5 long: each attends only within itself.
+    packed = TokenRows(ids, ids, np.array([0, 10]),
+                       np.array([0, 1, 0, 1, 2, 0, 1, 2, 3, 4], dtype=np.int32))
+    assert packed.attended_length() == (2 * 2 + 3 * 3 + 5 * 5) / 10
