@@ -30,8 +30,19 @@ def test_mistral_qlora_text_report(cli):
     assert "RTX 4090" in out and "this CPU" in out and "cheapest that fits:" in out
 
 
-def test_this_cpu_alone_says_it_fits_and_times_the_step(cli):
-    result = cli("plan", REPO / "examples" / "demo" / "lora.yml", "--gpu", "cpu")
+def test_this_cpu_alone_says_it_fits_and_times_the_step(cli, write_yaml, tiny_model_dir):
+    cfg = write_yaml(f"""
+base_model: {tiny_model_dir("llama")}
+datasets: [{{path: not/here.jsonl, type: alpaca}}]
+adapter: lora
+lora_r: 8
+lora_alpha: 16
+lora_target_linear: true
+learning_rate: 2e-4
+sequence_len: 128
+micro_batch_size: 2
+""")
+    result = cli("plan", cfg, "--gpu", "cpu")
     assert result.code == 0, result.err
     assert "fits on this CPU" in result.out and "nothing fits" not in result.out
     assert "timed at their shapes" in result.out
