@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from strop.plan.cpu_speed import cpu_step_seconds
+from strop.plan.cpu_speed import UNPROBED_WORK, cpu_step_seconds
 from strop.plan.estimate import ModelFacts, flops_per_token, model_facts, setup_for, training_mode
 from strop.plan.hardware import Device, find_gpu, gpu_table, load_prices, this_cpu
 from strop.plan.math import nf4_bits_per_param
@@ -158,8 +158,9 @@ def _device_row(facts: ModelFacts, cfg: StropConfig, device: Device, world_size:
     peak = device.peak_flops(setup.compute_bytes, fp16=bool(cfg.fp16))
     if device.kind == "cpu" and mfu is None and peak:
         # This CPU: the step's own pieces timed at their shapes; the MFU shown is what that implies.
-        tokens_per_second = _cpu_tokens_per_second(facts, setup, cfg.gradient_accumulation_steps)
-        used_mfu = tokens_per_second * flops_per_token(facts, setup) / peak
+        one = _cpu_tokens_per_second(facts, setup, cfg.gradient_accumulation_steps)
+        used_mfu = one * flops_per_token(facts, setup) / peak
+        tokens_per_second = world_size * one
     else:
         used_mfu = _mfu(device, setup, mfu)
         tokens_per_second = world_size * peak * used_mfu / flops_per_token(facts, setup)
@@ -242,7 +243,7 @@ def _assumptions(mfu: float | None) -> list[str]:
         f"({(mfu or GPU_MFU) / QLORA_SLOWDOWN:.0%} for QLoRA, which dequantizes in every matmul), "
         + (f"{mfu:.0%} of a measured matmul on this CPU" if mfu else
            "on this CPU, the step's own matmuls, attention, norms, loss and optimizer timed at "
-           "their shapes, x1.4 for what those probes leave out"),
+           f"their shapes, x{UNPROBED_WORK} for what those probes leave out"),
         "trainable weights in fp32 with bf16/fp16 autocast; a LoRA base frozen in the compute "
         "dtype; a 4-bit base keeps its other weights in fp32",
         "gradient checkpointing recomputes each layer's forward: its FLOPs are counted in time",
