@@ -92,7 +92,11 @@ def build_model_dir(path: Path, seed: int = 0, **sizes) -> Path:
         return path
     tok = build_tokenizer(path)
     torch.manual_seed(seed)
-    config = AutoConfig.for_model("llama", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+    # The vocabulary of 8192: the benchmark text has too few distinct words for BPE to
+    # learn that many tokens (it stops near 750), so the embedding and head are padded to it, as
+    # hub models pad theirs; the output head's cost is then the issue's.
+    config = AutoConfig.for_model("llama", vocab_size=max(VOCAB, len(tok)),
+                                  bos_token_id=tok.bos_token_id,
                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                   **{**BENCH_LLAMA, **sizes})
     model = AutoModelForCausalLM.from_config(config)
