@@ -19,7 +19,7 @@ from itertools import chain
 
 import numpy as np
 
-from strop.data.fast_bpe import fast_bpe_for
+from strop.data.fast_bpe import encode_batch, fast_bpe_for
 from strop.data.formats import Rendered
 from strop.data.rows import IGNORE, TokenRows
 from strop.errors import StropError
@@ -65,8 +65,7 @@ class Encoder:
         if self.twin is not None:
             return self.twin.ids(texts)
         if self.fast:
-            return [e.ids for e in self.tokenizer.backend_tokenizer.encode_batch_fast(
-                texts, add_special_tokens=False)]
+            return encode_batch(self.tokenizer, texts)
         return [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
     def _boundaries_split(self) -> bool:

@@ -169,8 +169,4 @@ def ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
 
 def restarting_positions(lengths: np.ndarray) -> np.ndarray:
     """0..n-1 for each length, concatenated: position ids of documents laid end to end (int32)."""
-    total = int(lengths.sum())
-    dtype = np.int32 if total < 2**31 else np.int64  # int32 is half the memory traffic
-    heads = np.zeros(len(lengths), dtype=dtype)
-    np.cumsum(lengths[:-1], out=heads[1:])
-    return (np.arange(total, dtype=dtype) - np.repeat(heads, lengths)).astype(np.int32, copy=False)
+    return ranges(np.zeros_like(lengths), lengths).astype(np.int32, copy=False)

@@ -204,12 +204,17 @@ def _probe_parts(shape: ModelShape, params: ParamCounts, setup: Setup,
     tokens = setup.tokens
     full = setup.mode == "full"
     parts: Counter = Counter()
+    linears = _linears(shape)
+    head = (shape.hidden, shape.vocab)
+    head_forward = 0.0  # not recomputed under checkpointing: the head sits outside the layers
     with torch.no_grad():
-        for (fan_in, fan_out), count in _linears(shape).items():
+        for (fan_in, fan_out), count in linears.items():
             forward, backward = _linear_seconds(torch, tokens, fan_in, fan_out, dtype, full, gen)
             parts["linear forward"] += count * forward
             parts["linear backward"] += count * backward
-            if setup.mode == "qlora" and (fan_in, fan_out) != (shape.hidden, shape.vocab):
+            if (fan_in, fan_out) == head:
+                head_forward = forward
+            elif setup.mode == "qlora":
                 parts["dequantize"] += 2 * count * _dequant_seconds(torch, fan_in, fan_out, dtype,
                                                                     setup.double_quant)
         for module, count in Counter((m.in_features, m.out_features, m.rank)
@@ -227,11 +232,10 @@ def _probe_parts(shape: ModelShape, params: ParamCounts, setup: Setup,
     parts["norms and activations backward"] = shape.layers * elem_bwd
     parts["loss"] = _loss_seconds(torch, shape, tokens, gen)
     if setup.gradient_checkpointing:  # every layer's forward runs again in the backward pass
-        head_forward = _linear_seconds(torch, tokens, shape.hidden, shape.vocab, dtype, False, gen)[0]
         parts["recompute"] = (sum(v for k, v in parts.items() if k.endswith("forward"))
                               - head_forward + parts["dequantize"] / 2)
     if full and dtype != torch.float32:  # fp32 master weights, cast for each forward
-        linear = sum(i * o * n for (i, o), n in _linears(shape).items())
+        linear = sum(i * o * n for (i, o), n in linears.items())
         parts["weight casts"] = (2 if setup.gradient_checkpointing else 1) * \
             _cast_seconds(torch, linear, dtype)
     # The optimizer steps once per accumulation window; per micro-batch it is this share.
