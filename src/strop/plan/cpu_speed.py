@@ -9,11 +9,13 @@ times what one micro-batch does, piece by piece, in the compute dtype:
   gradient, and the weight gradient where the weight trains; each counted once per layer;
 - LoRA's two thin matmuls per adapted linear, forward and backward;
 - QLoRA's dequantization of each 4-bit weight (bitsandbytes), once in the forward and once in
-  the backward pass;
+  the backward pass, and the casts around each 4-bit matmul: QLoRA keeps the norms in fp32, so
+  the residual stream is fp32 and bitsandbytes casts every input to the compute dtype and every
+  output back (and the norms and activations run in fp32);
 - attention (SDPA, causal) forward and backward at (micro_batch, heads, seq_len, head_dim);
 - per layer, two RMS norms and the gated activation, forward and backward; the loss's
   softmax over the vocabulary;
-- gradient checkpointing repeats each layer's forward.
+- gradient checkpointing repeats each layer's forward (weighted by RECOMPUTE_WORK).
 
 - autocast's bf16 copy of fp32 weights (full training), and the optimizer step's share.
 
@@ -39,6 +41,11 @@ PROBE_ELEMENTS = 16_000_000  # largest tensor a probe allocates; bigger ones are
 MIN_PROBE_TOKENS = 256
 BIG_STEP_FLOPS = 1e13  # a micro-batch step over this (about 30 s here) gets a single probe pass
 UNPROBED_WORK = 1.4    # measured step time / sum of the probed pieces (see the docstring)
+# A checkpointed layer's recompute costs more than its forward's probes suggest: it runs inside
+# the backward pass (caches cold from the gradients' work) with checkpointing's saved-tensor
+# hooks on every op. Fitted on the same matrix: the 9 checkpointed cases against the 9 without
+# (least squares gave 1.26; without it every checkpointed case came out too fast).
+RECOMPUTE_WORK = 1.4
 
 
 @dataclass
@@ -140,6 +147,13 @@ def _loss_seconds(torch, shape: ModelShape, tokens: int, gen) -> float:
         torch.nn.functional.cross_entropy(logits, target), logits)) * tokens / probe
 
 
+def _casts_seconds(torch, tokens: int, linears: Counter, dtype) -> float:
+    """QLoRA's casts around every 4-bit matmul, forward and backward: the fp32 input to the
+    compute dtype and the output back, then the same for the gradients."""
+    elements = sum(n * tokens * (fan_in + fan_out) for (fan_in, fan_out), n in linears.items())
+    return 2 * _cast_seconds(torch, elements, dtype)
+
+
 def _dequant_seconds(torch, fan_in: int, fan_out: int, dtype, double_quant: bool) -> float:
     import bitsandbytes.functional as bnbf
 
@@ -162,7 +176,8 @@ def _optimizer_seconds(torch, numel: int) -> float:
 
 
 def _cast_seconds(torch, numel: int, dtype) -> float:
-    """Autocast's copy of fp32 weights into the compute dtype, once per forward."""
+    """Copying `numel` fp32 values into `dtype`: autocast's copy of the fp32 weights for each
+    forward, QLoRA's casts of activations (the cast back to fp32 costs the same here)."""
     probe = max(1, min(numel, PROBE_ELEMENTS))
     w = torch.randn(probe)
     return _time(lambda: w.to(dtype)) * numel / probe
@@ -185,11 +200,11 @@ def _linears(shape: ModelShape) -> Counter:
 def cpu_step_seconds(shape: ModelShape, params: ParamCounts, setup: Setup,
                      accumulation: int = 1, passes: int | None = None) -> StepTiming:
     """Predicted seconds of one micro-batch's forward and backward on this CPU: every piece is
-    timed in `passes` passes and the faster kept, so one burst of other work does not count.
-    By default two passes for a model one would train on a CPU, one for bigger ones (their probes
-    are the slow ones, and their estimate is hours either way)."""
+    timed in `passes` passes and the fastest kept, so a burst of other work does not count.
+    By default three passes for a model one would train on a CPU (a second or two each), one
+    for bigger ones (their probes are the slow ones, and their estimate is hours either way)."""
     if passes is None:
-        passes = 2 if 6.0 * shape.matmul_params_per_token * setup.tokens < BIG_STEP_FLOPS else 1
+        passes = 3 if 6.0 * shape.matmul_params_per_token * setup.tokens < BIG_STEP_FLOPS else 1
     runs = [_probe_parts(shape, params, setup, accumulation) for _ in range(max(1, passes))]
     parts = {name: min(run[name] for run in runs) for name in runs[0]}
     return StepTiming(UNPROBED_WORK * sum(parts.values()), parts)
@@ -227,13 +242,19 @@ def _probe_parts(shape: ModelShape, params: ParamCounts, setup: Setup,
     attn_fwd, attn_bwd = _attention_seconds(torch, shape, setup, dtype, gen)
     parts["attention forward"] = shape.layers * attn_fwd
     parts["attention backward"] = shape.layers * attn_bwd
-    elem_fwd, elem_bwd = _elementwise_seconds(torch, shape, tokens, dtype, gen)
+    # QLoRA's fp32 norms make the residual stream, and so the elementwise work, fp32.
+    elem_dtype = torch.float32 if setup.mode == "qlora" else dtype
+    elem_fwd, elem_bwd = _elementwise_seconds(torch, shape, tokens, elem_dtype, gen)
     parts["norms and activations forward"] = shape.layers * elem_fwd
     parts["norms and activations backward"] = shape.layers * elem_bwd
     parts["loss"] = _loss_seconds(torch, shape, tokens, gen)
+    if setup.mode == "qlora" and dtype != torch.float32:
+        quantized = Counter({key: n for key, n in linears.items() if key != head})
+        parts["4-bit casts"] = _casts_seconds(torch, tokens, quantized, dtype)
     if setup.gradient_checkpointing:  # every layer's forward runs again in the backward pass
-        parts["recompute"] = (sum(v for k, v in parts.items() if k.endswith("forward"))
-                              - head_forward + parts["dequantize"] / 2)
+        forward = (sum(v for k, v in parts.items() if k.endswith("forward")) - head_forward
+                   + parts["dequantize"] / 2 + parts["4-bit casts"] / 2)
+        parts["recompute"] = RECOMPUTE_WORK * forward
     if full and dtype != torch.float32:  # fp32 master weights, cast for each forward
         linear = sum(i * o * n for (i, o), n in linears.items())
         parts["weight casts"] = (2 if setup.gradient_checkpointing else 1) * \

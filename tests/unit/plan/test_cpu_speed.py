@@ -56,6 +56,14 @@ def test_qlora_times_the_dequantization():
     timing = cpu_step_seconds(s, params(s, lora_rank=8),
                               Setup(mode="qlora", micro_batch=1, seq_len=64, device="cpu"))
     assert timing.parts["dequantize"] > 0
+    # bf16 compute around an fp32 residual stream: every 4-bit matmul's input and output is cast
+    assert timing.parts["4-bit casts"] > 0
+    gc = cpu_step_seconds(s, params(s, lora_rank=8),
+                          Setup(mode="qlora", micro_batch=1, seq_len=64, device="cpu",
+                                gradient_checkpointing=True))
+    # the recompute repeats the forward's dequantization and casts, weighted like the rest of it
+    assert gc.parts["recompute"] >= cpu_speed.RECOMPUTE_WORK * (
+        gc.parts["dequantize"] / 2 + gc.parts["4-bit casts"] / 2)
 
 
 def test_a_bigger_model_is_slower_and_big_weights_are_probed_in_part():
