@@ -168,7 +168,8 @@ def optimizer_step_temp_bytes(optimizer: str, device: str, trainable: int, large
 def layer_activation_bytes(shape: ModelShape, seq_len: int, *, attention: str, mode: str,
                            compute_bytes: int, residual_bytes: int, projection_bytes: int,
                            lora_inputs: list[tuple[int, int, str | None]] = (), lora_dropout: bool = False,
-                           norms_trainable: bool = False) -> float:
+                           norms_trainable: bool = False, lean_norms: bool = False,
+                           lean_swiglu: bool = False) -> float:
     """Bytes one decoder layer keeps for backward, per token of a row `seq_len` long.
 
     mode: "full" (every linear trains), or an adapter mode (frozen base). compute_bytes: the
@@ -176,10 +177,14 @@ def layer_activation_bytes(shape: ModelShape, seq_len: int, *, attention: str, m
     stream (fp32 when embeddings and norms are fp32, as for full training or a k-bit base).
     projection_bytes: dtype the base projections return (a bitsandbytes 4-bit linear returns
     its input's dtype, so fp32 under QLoRA). lora_inputs: (in_features, rank, what it reads) of
-    each wrapped linear in this layer (see lora_reads).
+    each wrapped linear in this layer (see lora_reads). lean_norms / lean_swiglu: the loop's
+    lean RMSNorm and SwiGLU (strop.train.lean_activations) replace transformers' modules.
     """
     d, c = shape.hidden, compute_bytes
-    per_norm = FP32 * d + FP32 + (residual_bytes * d if norms_trainable else 0)
+    if lean_norms:  # the input as it came and 1/rms per token
+        per_norm = residual_bytes * d + FP32
+    else:  # an fp32 copy of the input and 1/rms; a trained weight also keeps the normed input
+        per_norm = FP32 * d + FP32 + (residual_bytes * d if norms_trainable else 0)
     total = 2 * per_norm
     # Attention core.
     if attention == "eager":
@@ -193,14 +198,17 @@ def layer_activation_bytes(shape: ModelShape, seq_len: int, *, attention: str, m
         total += FP32 * shape.heads                           # log-sum-exp
         total += c * shape.q_dim                              # output (o_proj reads the same)
     # MLP core: the activation's input and output and the up projection (gated), or the
-    # activation's input and output (plain 2-matrix MLP).
+    # activation's input and output (plain 2-matrix MLP). The lean SwiGLU keeps gate and up
+    # only, and rebuilds down_proj's input from them in backward.
     width = shape.intermediate * shape.experts_per_token
-    total += (3 if shape.gated_mlp else 2) * projection_bytes * width
+    lean_swiglu = lean_swiglu and shape.gated_mlp
+    total += (2 if lean_swiglu else 3 if shape.gated_mlp else 2) * projection_bytes * width
     if mode == "full":
         if residual_bytes != c:
             # autocast casts the normed fp32 input once per consuming linear
             total += c * d * (5 if shape.gated_mlp else 2)
-        total += projection_bytes * width if shape.gated_mlp else 0  # down_proj's input
+        if shape.gated_mlp and not lean_swiglu:
+            total += projection_bytes * width  # down_proj's input
     # LoRA's A keeps its input for its weight gradient. strop turns off PEFT's input casts, so
     # an input already in the compute dtype is kept once however many adapters read it: q, k
     # and v read the same normed input, gate and up another (on a k-bit base the norms and
@@ -209,6 +217,11 @@ def layer_activation_bytes(shape: ModelShape, seq_len: int, *, attention: str, m
     # adapter its own input.
     kept_inputs: set[str] = {"attention_output"} if attention != "eager" else set()
     for in_features, rank, reads in lora_inputs:
+        if reads == "mlp_product":  # down_proj's input: its own, or rebuilt by the lean SwiGLU
+            rebuilt = lean_swiglu and not lora_dropout and projection_bytes == c
+            total += c * rank + (0 if rebuilt else c * in_features) + \
+                (in_features if lora_dropout else 0)
+            continue
         shared = reads is not None and not lora_dropout and \
             (reads == "attention_output" or residual_bytes == c)
         if not shared or reads not in kept_inputs:
@@ -225,7 +238,7 @@ def layer_activation_bytes(shape: ModelShape, seq_len: int, *, attention: str, m
 # can share the copy autograd keeps of it.
 LORA_INPUTS = {"q_proj": "attention_input", "k_proj": "attention_input",
                "v_proj": "attention_input", "o_proj": "attention_output",
-               "gate_proj": "mlp_input", "up_proj": "mlp_input"}
+               "gate_proj": "mlp_input", "up_proj": "mlp_input", "down_proj": "mlp_product"}
 
 
 def lora_reads(module_name: str) -> str | None:
@@ -267,8 +280,9 @@ def fused_loss_bytes(vocab: int, hidden: int, tokens: int, chunk_tokens: int, *,
     """(peak while the loss runs, bytes kept for backward) of strop's fused head + loss.
 
     strop.train.loss scores `chunk_tokens` positions at a time and computes the gradients in the
-    forward pass. In a chunk: the compute-dtype logits, their fp32 copy, the fp32 softmax and its
-    compute-dtype cast, about 10 B per logit with the first freed early; around the chunks: the
+    forward pass. In a chunk: the compute-dtype logits and their fp32 copy, then the fp32 logits
+    and log-sum-exp's fp32 temporary, then the softmax (in place) and its compute-dtype cast: at
+    most 8 B per logit at once; around the chunks: the
     gathered hidden states, their fp32 gradient, the fp32 head-weight gradient when the head
     trains, and the head weight cast to the compute dtype when it is stored wider. Kept for
     backward: only the two gradients.
@@ -276,7 +290,7 @@ def fused_loss_bytes(vocab: int, hidden: int, tokens: int, chunk_tokens: int, *,
     live = min(tokens, chunk_tokens)
     kept = FP32 * tokens * hidden + (FP32 * vocab * hidden if head_trainable else 0)
     cast = compute_bytes * vocab * hidden if head_weight_bytes != compute_bytes else 0
-    peak = 10.0 * live * vocab + hidden_bytes * tokens * hidden + kept + cast
+    peak = 8.0 * live * vocab + hidden_bytes * tokens * hidden + kept + cast
     return peak, kept
 
 

@@ -65,6 +65,8 @@ class Setup:
     logits_chunk: int | None = None  # tokens scored at once by a chunked loss (None = all)
     masked: bool = False           # rows are padded or packed: transformers builds a 4-D mask
     fused_loss: bool = False       # strop's chunked head + loss (gradients in the forward pass)
+    lean_norms: bool = False       # strop's lean RMSNorm and SwiGLU (strop.train.lean_activations)
+    lean_swiglu: bool = False
 
     @property
     def tokens(self) -> int:
@@ -139,7 +141,8 @@ def activation_bytes(shape: ModelShape, params: ParamCounts, setup: Setup) -> di
     layers = [tm.layer_activation_bytes(
         shape, setup.seq_len, attention=setup.attention, mode=setup.mode, compute_bytes=c,
         residual_bytes=rb, projection_bytes=pb, lora_inputs=inputs,
-        lora_dropout=setup.lora_dropout, norms_trainable=setup.mode == "full")
+        lora_dropout=setup.lora_dropout, norms_trainable=setup.mode == "full",
+        lean_norms=setup.lean_norms, lean_swiglu=setup.lean_swiglu)
         for inputs in per_layer]
     tokens = setup.tokens
     if setup.gradient_checkpointing:

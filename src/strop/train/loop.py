@@ -366,6 +366,12 @@ def _training_speedups(run: Run) -> contextlib.ExitStack:
     hf = unwrap(run.model)
     if run.loss_model.decoder is not None and supports_varlen(hf.config, run.cfg.sequence_len):
         stack.enter_context(varlen_attention(hf))
+    # Not under torch.compile (its graphs free intermediates on their own) nor with gradient
+    # checkpointing (which keeps only each layer's input, and whose hooks the lean ones would hide)
+    if not run.cfg.compile_model and not run.cfg.gradient_checkpointing:
+        from strop.train.lean_activations import lean_activations
+
+        stack.enter_context(lean_activations(hf))
     if run.cfg.uses_lora and run.precision.compute != torch.float32:
         # PEFT casts each LoRA input to the adapter's fp32 and autocast casts it back to bf16
         # for the matmul: two copies of every activation for nothing under autocast.
