@@ -46,6 +46,7 @@ class Case:
     device: str = "cpu"
     threads: int | None = None
     trim_heap: bool = True                # see return_freed_memory_promptly; off to time steps
+    compile: bool = False                 # torch.compile (the config's `compile: true`)
 
     def strop_config(self, config_json: Path) -> dict[str, Any]:
         """The same run as a strop config (for `strop plan` to predict); the model's
@@ -63,6 +64,8 @@ class Case:
             "bf16": self.bf16,
             "device": self.device,
         }
+        if self.compile:
+            cfg["compile"] = True
         if self.mode in ("lora", "qlora"):
             cfg.update(adapter=self.mode, lora_r=self.lora_r, lora_alpha=2 * self.lora_r,
                        lora_dropout=self.lora_dropout, lora_target_linear=True)
