@@ -129,12 +129,11 @@ class OutputHead:
         return out
 
 
-# Positions scored at once: (256, V) fp32 logits are 32 MiB at a 32k vocabulary, and a (256, H)
-# x (H, V) matmul is still large enough to run at full speed. The loss runs at the end of the
-# forward pass, when every saved activation is alive, so its chunk adds to the step's peak
-# memory directly (1024 rows measured about 60 MiB more peak RSS at an 8k vocabulary on the
-# speed benchmark). strop.plan reads it.
-LOSS_CHUNK_ROWS = 256
+# Positions scored at once: (1024, V) fp32 logits are 128 MiB at a 32k vocabulary, small next to
+# a step's activations, and large enough that the matmuls stay efficient. (256 rows lowered the
+# peak a little more but moved it to places strop plan does not model as well: its memory
+# error on checkpointed runs grew past 10%.) strop.plan reads it.
+LOSS_CHUNK_ROWS = 1024
 
 
 def lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: OutputHead, *, shift: bool = True,
