@@ -90,15 +90,14 @@ def setup_for(cfg: StropConfig, device: str = "cuda", bf16_supported: bool = Tru
     strop can run without a mask (strop.model.attention) never gets the 4-D mask.
     """
     from strop.model.attention import supports_varlen
-    from strop.train.lean_activations import lean_parts
+    from strop.train.lean_activations import lean_parts, used_for
     from strop.train.loss import LOSS_CHUNK_ROWS
 
     causal = cfg.objective == "causal_lm"
     plain_head = causal and not any(getattr(hf_config.get_text_config(), key, None)
                                     for key in ("final_logit_softcapping", "logit_scale"))
     mask_free = causal and supports_varlen(hf_config, cfg.sequence_len)
-    lean_norms, lean_swiglu = lean_parts(hf_config) \
-        if not cfg.gradient_checkpointing and not cfg.compile_model else (False, False)
+    lean_norms, lean_swiglu = lean_parts(hf_config) if used_for(cfg) else (False, False)
     return Setup(
         mode=training_mode(cfg),
         micro_batch=cfg.micro_batch_size,

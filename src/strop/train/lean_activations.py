@@ -37,11 +37,21 @@ CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3
                 "phi3": "Phi3", "granite": "Granite"}
 
 
+def used_for(cfg) -> bool:
+    """Whether a run trains with the lean modules: not under torch.compile (its graphs free
+    intermediates on their own) nor with gradient checkpointing (which keeps only each layer's
+    input, and whose saved-tensor hooks the SwiGLU's would hide inside down_proj)."""
+    return not cfg.compile_model and not cfg.gradient_checkpointing
+
+
+def _silu(config) -> bool:
+    return getattr(config, "hidden_act", None) in ("silu", "swish")
+
+
 def lean_parts(config) -> tuple[bool, bool]:
     """(norms, SwiGLU): which lean modules a model of this config trains with (for the plan)."""
     prefix = CLASS_PREFIX.get(getattr(config, "model_type", None), "")
-    return (f"{prefix}RMSNorm" in NORMS,
-            f"{prefix}MLP" in MLPS and getattr(config, "hidden_act", None) in ("silu", "swish"))
+    return f"{prefix}RMSNorm" in NORMS, f"{prefix}MLP" in MLPS and _silu(config)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -143,7 +153,7 @@ def _lean_version(module: nn.Module, config) -> nn.Module | None:
     name = type(module).__name__
     if name in NORMS and hasattr(module, "variance_epsilon"):
         return LeanRMSNorm(module)
-    if name in MLPS and getattr(config, "hidden_act", None) in ("silu", "swish"):
+    if name in MLPS and _silu(config):
         return LeanSwiGLU(module)
     return None
 

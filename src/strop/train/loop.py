@@ -361,17 +361,14 @@ def _training_speedups(run: Run) -> contextlib.ExitStack:
     """Settings that make training faster without changing its result, undone afterwards so
     the saved model and later generation see the model as loaded."""
     from strop.model.attention import supports_varlen, varlen_attention
+    from strop.train import lean_activations
 
     stack = contextlib.ExitStack()
     hf = unwrap(run.model)
     if run.loss_model.decoder is not None and supports_varlen(hf.config, run.cfg.sequence_len):
         stack.enter_context(varlen_attention(hf))
-    # Not under torch.compile (its graphs free intermediates on their own) nor with gradient
-    # checkpointing (which keeps only each layer's input, and whose hooks the lean ones would hide)
-    if not run.cfg.compile_model and not run.cfg.gradient_checkpointing:
-        from strop.train.lean_activations import lean_activations
-
-        stack.enter_context(lean_activations(hf))
+    if lean_activations.used_for(run.cfg):
+        stack.enter_context(lean_activations.lean_activations(hf))
     if run.cfg.uses_lora and run.precision.compute != torch.float32:
         # PEFT casts each LoRA input to the adapter's fp32 and autocast casts it back to bf16
         # for the matmul: two copies of every activation for nothing under autocast.
