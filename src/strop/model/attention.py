@@ -41,31 +41,52 @@ def document_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return spans
 
 
+# PyTorch's CPU flash attention keeps a few MiB for every sequence length its bf16 backward has
+# seen and never frees them (torch 2.13: 120 random lengths, +730 MiB; fp32 and forward-only
+# calls do not). Training on documents of every length would grow without bound. Padded to a
+# multiple of 64, lengths take at most sequence_len / 64 values (the same 120: +66 MiB, then
+# flat). Causal attention lets the padding go at the end: no real query sees a padded key, and
+# the padded queries' outputs are dropped, so results and gradients are unchanged.
+LENGTH_MULTIPLE = 64
+
+
+def _causal_sdpa(query, key, value, **kwargs):
+    """Causal SDPA of (B, H, L, D) inputs, returned as (B, L, H, D)."""
+    length = query.shape[2]
+    pad = -length % LENGTH_MULTIPLE \
+        if query.device.type == "cpu" and torch.is_grad_enabled() else 0
+    if pad:
+        query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
+    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, **kwargs)
+    out = out.transpose(1, 2)  # the layout the CPU flash kernel writes: no copy
+    return out[:, :length] if pad else out
+
+
 def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                         scaling: float | None = None, **kwargs):
     """query: (B, H, T, D); key, value: (B, Hkv, T, D). Returns (B, T, H, D), None."""
-    gqa = getattr(module, "num_key_value_groups", 1) > 1  # SDPA repeats the kv heads itself
+    options = dict(dropout_p=dropout, scale=scaling,
+                   # SDPA repeats the kv heads itself
+                   enable_gqa=getattr(module, "num_key_value_groups", 1) > 1)
     position_ids = kwargs.get("position_ids")
     packed = position_ids is not None and position_ids.shape[0] == query.shape[0] and \
         bool((position_ids[:, 1:] == 0).any())
     if not packed:
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True,
-                                             scale=scaling, enable_gqa=gqa)
-        return out.transpose(1, 2).contiguous(), None
-    # unbind/split/cat rather than slicing and writing into an output tensor: their backward
-    # passes stack and concatenate, where a slice's backward writes each document's gradient
-    # into a zero tensor of the whole row (measured: a tenth of a packed step on a CPU).
+        return _causal_sdpa(query, key, value, **options).contiguous(), None
+    # split/cat rather than slicing and writing into an output tensor: their backward passes
+    # concatenate, where a slice's backward writes each document's gradient into a zero tensor
+    # of the whole row (measured: a tenth of a packed step on a CPU). Each piece stays 4-D
+    # (1, H, L, D): on 3-D inputs the CPU's SDPA leaves its flash kernel for the math one, which
+    # keeps fp32 copies of q, k, v and the (H, L, L) probabilities for backward.
     rows = []
-    for q_row, k_row, v_row, spans in zip(query.unbind(0), key.unbind(0), value.unbind(0),
+    for q_row, k_row, v_row, spans in zip(query.split(1), key.split(1), value.split(1),
                                           document_spans(position_ids), strict=True):
         lengths = [end - start for start, end in spans]
         rows.append(torch.cat([
-            F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
-                                           scale=scaling, enable_gqa=gqa)
-            for q, k, v in zip(q_row.split(lengths, dim=1), k_row.split(lengths, dim=1),
-                               v_row.split(lengths, dim=1), strict=True)], dim=1))
-    out = torch.stack(rows)
-    return out.transpose(1, 2).contiguous(), None
+            _causal_sdpa(q, k, v, **options)
+            for q, k, v in zip(q_row.split(lengths, dim=2), k_row.split(lengths, dim=2),
+                               v_row.split(lengths, dim=2), strict=True)], dim=1))
+    return torch.cat(rows).contiguous(), None
 
 
 def _no_mask(*args, **kwargs):

@@ -80,3 +80,51 @@ def test_only_plain_causal_architectures_use_it(model):
     assert not supports_varlen(gpt2, 512)
     mistral = AutoConfig.for_model("mistral", sliding_window=256)
     assert not supports_varlen(mistral, 512) and supports_varlen(mistral, 256)
+
+
+def _saved_bytes(model, **inputs) -> int:
+    """Bytes autograd keeps for backward (parameters excluded) over one forward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        hidden(model, **inputs)
+    return sum(seen.values())
+
+
+def test_packed_rows_keep_no_more_for_backward_than_one_document(model):
+    # Attention over documents of 96 and 160 tokens must keep what the flash kernel keeps (q, k,
+    # v, output, log-sum-exp), not the (H, L, L) probabilities of SDPA's math fallback.
+    ids = torch.randint(0, 100, (1, 256))
+    packed = torch.cat([torch.arange(96), torch.arange(160)])[None]
+    with varlen_attention(model):
+        one_document = _saved_bytes(model, input_ids=ids, position_ids=torch.arange(256)[None])
+        two_documents = _saved_bytes(model, input_ids=ids, position_ids=packed)
+    assert two_documents <= 1.1 * one_document
+
+
+def test_training_attention_sees_lengths_in_multiples_of_64(model, monkeypatch):
+    # PyTorch's CPU bf16 attention backward keeps memory for every length it has seen: the
+    # lengths it is given must come from a small set, whatever the documents' lengths.
+    import strop.model.attention as attention
+
+    seen = []
+    sdpa = attention.F.scaled_dot_product_attention
+
+    def recording(q, *args, **kwargs):
+        seen.append(q.shape[2])
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording)
+    ids = torch.randint(0, 100, (2, 150))
+    packed = torch.cat([torch.arange(37), torch.arange(113)])[None].repeat(2, 1)
+    with varlen_attention(model):
+        hidden(model, input_ids=ids, position_ids=packed)         # packed documents
+        hidden(model, input_ids=ids[:, :75], position_ids=torch.arange(75)[None])  # one each
+    assert seen and all(n % 64 == 0 for n in seen), seen
