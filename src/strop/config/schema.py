@@ -226,8 +226,9 @@ class StropConfig(_Strict):
     eval_sample_packing: bool | None = Field(
         None, **doc("Pack evaluation rows too (default: as sample_packing)", "batch"))
     pad_to_sequence_len: bool | None = Field(
-        None, **doc("Pad every batch to sequence_len (fixed shapes; default: pad to the longest row "
-                    "in the batch)", "batch"))
+        None, **doc("Pad every batch to sequence_len: fixed shapes, so memory freed by one step "
+                    "fits the next (default: on with sample_packing, whose rows nearly fill "
+                    "sequence_len anyway; else pad to the longest row in the batch)", "batch"))
     group_by_length: bool = Field(
         False, **doc("Batch rows of similar length together to waste less on padding", "batch"))
     excess_length_strategy: Literal["truncate", "drop", "raise"] = Field(
@@ -400,6 +401,12 @@ class StropConfig(_Strict):
     @property
     def effective_eval_batch_size(self) -> int:
         return self.eval_batch_size or self.micro_batch_size
+
+    @property
+    def pads_to_sequence_len(self) -> bool:
+        if self.pad_to_sequence_len is None:
+            return self.sample_packing
+        return self.pad_to_sequence_len
 
     @property
     def effective_eval_packing(self) -> bool:

@@ -166,4 +166,4 @@ def make_collator(cfg, tokenizer) -> Collator:
                              "special_tokens: {mask_token: '[MASK]'} or train a wordpiece "
                              "tokenizer (pretrain_tokenizer: {type: wordpiece})")
         mlm = MaskedLM(tokenizer.mask_token_id, len(tokenizer), tokenizer.all_special_ids)
-    return Collator(pad_id, cfg.sequence_len if cfg.pad_to_sequence_len else None, mlm)
+    return Collator(pad_id, cfg.sequence_len if cfg.pads_to_sequence_len else None, mlm)

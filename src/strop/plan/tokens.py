@@ -171,7 +171,7 @@ def _processed_tokens(cfg: StropConfig, row_tokens: list[tuple[float, float]], t
     seq = cfg.sequence_len
     if cfg.sample_packing:
         return math.ceil(text_tokens / seq) * seq
-    if cfg.pad_to_sequence_len:
+    if cfg.pads_to_sequence_len:
         return float(rows * seq)
     lengths = [t for t, _ in row_tokens]
     if not lengths:
