@@ -102,6 +102,10 @@ def main() -> None:
     parser.add_argument("--child", choices=list(CONTENDERS))
     args = parser.parse_args()
     if args.child:
+        if args.child.startswith("strop"):
+            from strop.allocator import restart_under_mimalloc
+
+            restart_under_mimalloc()  # as `strop train` runs (strop/allocator.py)
         print("RESULT " + json.dumps(CONTENDERS[args.child]()), flush=True)
         return
 

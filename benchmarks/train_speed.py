@@ -142,10 +142,19 @@ CONTENDERS = {
 
 
 def child(name: str, work: Path) -> None:
+    if name.startswith("strop"):
+        # As `strop train` runs: started again under mimalloc (strop/allocator.py) unless
+        # STROP_ALLOCATOR=system. TRL runs under the system malloc, as its users run it.
+        from strop.allocator import restart_under_mimalloc
+
+        restart_under_mimalloc()
     paths = json.loads((work / "paths.json").read_text())
     started = time.perf_counter()
     result = CONTENDERS[name](paths, work / f"out-{name}")
-    result.update(wall_seconds=time.perf_counter() - started, peak_rss=peak_rss_bytes())
+    from strop.allocator import active
+
+    result.update(wall_seconds=time.perf_counter() - started, peak_rss=peak_rss_bytes(),
+                  malloc=active())
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -175,10 +184,10 @@ def main() -> None:
         results[name]["tokens_per_s"] = n_trained / results[name]["train_seconds"]
     print(f"\n{args.rows} rows, {n_trained} trained tokens per epoch, LoRA r{LORA['r']} all-linear, "
           f"seq {SEQ}, micro-batch {MICRO} x accumulation {ACCUM}\n")
-    print(f"{'contender':<14}{'trained tok/s':>14}{'peak RSS MiB':>14}{'eval loss':>11}")
+    print(f"{'contender':<14}{'trained tok/s':>14}{'peak RSS MiB':>14}{'eval loss':>11}  malloc")
     for name, r in results.items():
         print(f"{name:<14}{r['tokens_per_s']:>14.0f}{r['peak_rss'] / 2**20:>14.0f}"
-              f"{r['eval_loss']:>11.4f}")
+              f"{r['eval_loss']:>11.4f}  {r['malloc']}")
     for name in (n for n in results if n.startswith("strop")):
         s = results[name]
         for ref in ("trl_default", "trl_best"):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 
+from strop.allocator import COMMANDS as COMMANDS_UNDER_MIMALLOC
 from strop.errors import EXIT_USAGE, StropError
 
 app = typer.Typer(
@@ -309,6 +310,11 @@ def demo():
 
 def main(argv: list[str] | None = None) -> None:
     try:
+        if argv is None and sys.argv[1:2] and sys.argv[1] in COMMANDS_UNDER_MIMALLOC:
+            # The command line of this process (not a call from Python): train under mimalloc.
+            from strop.allocator import restart_under_mimalloc
+
+            restart_under_mimalloc()
         app(args=argv)
     except StropError as err:
         for line in err.problems:
