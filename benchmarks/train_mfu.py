@@ -103,9 +103,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         if args.child.startswith("strop"):
-            from strop.allocator import restart_under_mimalloc
+            from strop.runtime import prepare_training_process
 
-            restart_under_mimalloc()  # as `strop train` runs (strop/allocator.py)
+            prepare_training_process()  # as `strop train` runs (strop/runtime.py)
         print("RESULT " + json.dumps(CONTENDERS[args.child]()), flush=True)
         return
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import typer
 
-from strop.allocator import COMMANDS as COMMANDS_UNDER_MIMALLOC
 from strop.errors import EXIT_USAGE, StropError
+from strop.runtime import COMMANDS as TRAINING_COMMANDS
 
 app = typer.Typer(
     name="strop",
@@ -310,11 +310,12 @@ def demo():
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        if argv is None and sys.argv[1:2] and sys.argv[1] in COMMANDS_UNDER_MIMALLOC:
-            # The command line of this process (not a call from Python): train under mimalloc.
-            from strop.allocator import restart_under_mimalloc
+        if argv is None and sys.argv[1:2] and sys.argv[1] in TRAINING_COMMANDS:
+            # This process's own command line (not a call from Python), torch not loaded yet:
+            # mimalloc and bounded kernel caches (strop/runtime.py).
+            from strop.runtime import prepare_training_process
 
-            restart_under_mimalloc()
+            prepare_training_process()
         app(args=argv)
     except StropError as err:
         for line in err.problems:

@@ -201,9 +201,11 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, alpac
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
     linux = sys.platform == "linux"
-    # `strop train` started itself again under mimalloc (strop/allocator.py) with the same
+    # `strop train` started itself again under mimalloc (strop/runtime.py) with the same
     # process id, which is what the signal goes to.
     assert not linux or "libmimalloc" in Path(f"/proc/{proc.pid}/maps").read_text()
+    assert not linux or b"ONEDNN_PRIMITIVE_CACHE_CAPACITY=256" in \
+        Path(f"/proc/{proc.pid}/environ").read_bytes()
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 143, output

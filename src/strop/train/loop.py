@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from strop import allocator
+from strop import runtime
 from strop.config.load import LoadedConfig
 from strop.config.schema import StropConfig
 from strop.data.batches import batch_generator
@@ -307,7 +307,7 @@ def fit(run: Run) -> dict[str, Any]:
     log.message(f"training {run.trainable_params:,} of {run.total_params:,} parameters "
                 f"({100 * run.trainable_params / max(run.total_params, 1):.2f}%), "
                 f"{run.total_steps} steps ({run.steps_per_epoch} per epoch), {run.precision.name} "
-                f"on {run.precision.device}, {allocator.active()}")
+                f"on {run.precision.device}, {runtime.active_allocator()}")
     run.model.train()
     outcome = Outcome("completed")
     speedups = _training_speedups(run)

@@ -1,4 +1,5 @@
-"""When a training process starts itself again under mimalloc, and with what environment."""
+"""How a training process is set up before torch loads: when it starts itself again under
+mimalloc and with what environment, and its kernel caches."""
 
 from __future__ import annotations
 
@@ -6,8 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from strop.allocator import active, mimalloc_library, restart_environment
 from strop.errors import StropError
+from strop.runtime import (
+    active_allocator,
+    bound_kernel_caches,
+    mimalloc_library,
+    restart_environment,
+)
 
 LIB = Path("/venv/site-packages/cmeel.prefix/lib/libmimalloc.so")
 
@@ -17,7 +23,8 @@ def test_restarts_with_the_library_first_and_the_users_preloads_kept():
     assert env["LD_PRELOAD"] == f"{LIB}:/opt/libmine.so"
     assert env["HOME"] == "/h"
     assert env["MIMALLOC_PURGE_DELAY"] == "1000"
-    assert active(env) == "mimalloc"
+    assert active_allocator(env) == "mimalloc"
+    assert active_allocator({}) == "system malloc"
 
 
 def test_the_users_mimalloc_settings_win():
@@ -38,7 +45,13 @@ def test_carries_on_as_it_is(environ, library, platform):
 
 def test_an_unknown_choice_is_an_error_naming_the_variable():
     with pytest.raises(StropError, match="STROP_ALLOCATOR=jemalloc"):
-        restart_environment({"STROP_ALLOCATOR": "jemalloc"}, LIB)
+        restart_environment({"STROP_ALLOCATOR": "jemalloc"}, LIB, "darwin")
+
+
+def test_kernel_caches_are_bounded_unless_the_user_set_them():
+    environ = {"LRU_CACHE_CAPACITY": "2048"}
+    bound_kernel_caches(environ)
+    assert environ == {"LRU_CACHE_CAPACITY": "2048", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256"}
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux")
