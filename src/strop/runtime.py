@@ -11,7 +11,7 @@ at the same speed within the machine's noise. Returning freed memory to the syst
 with glibc's own knobs (`MALLOC_TRIM_THRESHOLD_=0` and kin) reached the live figure but cost
 about 45% of the speed in page faults. A malloc is chosen when a process starts, so these
 commands exec themselves again: the same process id, arguments and environment plus LD_PRELOAD
-naming the library of the cmeel-mimalloc wheel (a dependency on Linux). Signals, torchrun and
+naming the library of the cmeel-mimalloc wheel (a dependency on Linux). Signals and
 job schedulers see one process. `STROP_ALLOCATOR=system` keeps glibc's malloc.
 
 **Kernel caches.** oneDNN (the CPU's matmul kernels) keeps every kernel it built for a matrix
