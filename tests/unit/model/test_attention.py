@@ -6,8 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from strop.model.attention import (document_spans, padded_length, supports_varlen,
-                                   varlen_attention)
+from strop.model.attention import document_spans, padded_length, supports_varlen, varlen_attention
 
 
 @pytest.fixture(scope="module")
