@@ -6,7 +6,7 @@ Both are read once, when the process starts or when torch first needs them, so `
 **mimalloc** (Linux). A training step frees and takes again activations of many sizes: they
 follow each batch's length, and packed, grouped and padded batches all differ. glibc's malloc
 keeps freed blocks in heaps it can rarely hand back: on benchmarks/train_speed.py (LoRA on a 34M
-Llama, CPU) the strop runs peaked at 1500-1700 MiB under glibc and 1200-1360 MiB under mimalloc,
+Llama, CPU) the strop runs peaked at 1500-1700 MiB under glibc and 1100-1390 MiB under mimalloc,
 at the same speed within the machine's noise. Returning freed memory to the system at once
 with glibc's own knobs (`MALLOC_TRIM_THRESHOLD_=0` and kin) reached the live figure but cost
 about 45% of the speed in page faults. A malloc is chosen when a process starts, so these
