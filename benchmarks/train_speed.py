@@ -142,17 +142,15 @@ CONTENDERS = {
 
 
 def child(name: str, work: Path) -> None:
+    from strop.runtime import active_allocator, prepare_training_process
+
     if name.startswith("strop"):
         # As `strop train` runs (strop/runtime.py): under mimalloc unless
         # STROP_ALLOCATOR=system, with bounded kernel caches. TRL runs as its users run it.
-        from strop.runtime import prepare_training_process
-
         prepare_training_process()
     paths = json.loads((work / "paths.json").read_text())
     started = time.perf_counter()
     result = CONTENDERS[name](paths, work / f"out-{name}")
-    from strop.runtime import active_allocator
-
     result.update(wall_seconds=time.perf_counter() - started, peak_rss=peak_rss_bytes(),
                   malloc=active_allocator())
     print("RESULT " + json.dumps(result), flush=True)
