@@ -12,8 +12,8 @@ from pathlib import Path
 
 import typer
 
+from strop import runtime
 from strop.errors import EXIT_USAGE, StropError
-from strop.runtime import COMMANDS as TRAINING_COMMANDS
 
 app = typer.Typer(
     name="strop",
@@ -310,12 +310,10 @@ def demo():
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        if argv is None and sys.argv[1:2] and sys.argv[1] in TRAINING_COMMANDS:
+        if argv is None and sys.argv[1:2] and sys.argv[1] in runtime.COMMANDS:
             # This process's own command line (not a call from Python), torch not loaded yet:
             # mimalloc and bounded kernel caches (strop/runtime.py).
-            from strop.runtime import prepare_training_process
-
-            prepare_training_process()
+            runtime.prepare_training_process()
         app(args=argv)
     except StropError as err:
         for line in err.problems:

@@ -76,9 +76,9 @@ def restart_environment(environ: dict, library: Path | None,
         raise StropError(f"{ENV}={choice}: expected mimalloc (the default) or system")
     if platform != "linux" or library is None or choice == "system":
         return None
-    preload = [p for p in environ.get("LD_PRELOAD", "").split(":") if p]
-    if any("libmimalloc" in p for p in preload):
+    if active_allocator(environ) == "mimalloc":
         return None  # started under it (by us or by the user); never exec twice
+    preload = [p for p in environ.get("LD_PRELOAD", "").split(":") if p]
     env = dict(environ)
     env["LD_PRELOAD"] = ":".join([str(library), *preload])
     env.setdefault("MIMALLOC_PURGE_DELAY", PURGE_DELAY_MS)

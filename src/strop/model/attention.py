@@ -96,7 +96,7 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
             _causal_sdpa(q, k, v, **options)
             for q, k, v in zip(q_row.split(lengths, dim=2), k_row.split(lengths, dim=2),
                                v_row.split(lengths, dim=2), strict=True)], dim=1))
-    return torch.cat(rows).contiguous(), None
+    return torch.cat(rows), None  # contiguous: cat writes a new tensor
 
 
 def _no_mask(*args, **kwargs):

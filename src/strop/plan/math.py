@@ -282,10 +282,9 @@ def fused_loss_bytes(vocab: int, hidden: int, tokens: int, chunk_tokens: int, *,
     strop.train.loss scores `chunk_tokens` positions at a time and computes the gradients in the
     forward pass. In a chunk: the compute-dtype logits and their fp32 copy, then the fp32 logits
     and log-sum-exp's fp32 temporary, then the softmax (in place) and its compute-dtype cast: at
-    most 8 B per logit at once; around the chunks: the
-    gathered hidden states, their fp32 gradient, the fp32 head-weight gradient when the head
-    trains, and the head weight cast to the compute dtype when it is stored wider. Kept for
-    backward: only the two gradients.
+    most 8 B per logit at once. Around the chunks: the gathered hidden states, their fp32
+    gradient, the fp32 head-weight gradient when the head trains, and the head weight cast to
+    the compute dtype when it is stored wider. Kept for backward: only the two gradients.
     """
     live = min(tokens, chunk_tokens)
     kept = FP32 * tokens * hidden + (FP32 * vocab * hidden if head_trainable else 0)
