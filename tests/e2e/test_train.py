@@ -152,6 +152,31 @@ def test_gradient_accumulation_split_does_not_change_the_result(tiny_model_dir, 
             torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_training_matches_eager_and_keeps_its_cache(tiny_model_dir, alpaca, tmp_path,
+                                                            monkeypatch):
+    """`compile: true` trains the same steps as eager on batches of changing lengths, with two
+    graphs (the first length's static one, then a dynamic one), not one per length, and leaves
+    them in the persistent cache for the next run."""
+    from torch._dynamo.utils import counters
+
+    cache = tmp_path / "compile-cache"
+    monkeypatch.setenv("STROP_COMPILE_CACHE", str(cache))
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE",
+                 "TORCHINDUCTOR_AUTOGRAD_CACHE"):
+        monkeypatch.delenv(name, raising=False)  # restored (unset) after the test
+    losses = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compiled-{compiled}"
+        counters.clear()
+        train(load_dict(sft(tiny_model_dir("llama"), alpaca, out, max_steps=4, bf16=False,
+                            micro_batch_size=2, sequence_len=256, compile=compiled,
+                            shuffle_merged_datasets=False)))
+        losses[compiled] = [r["loss"] for r in metrics(out)]
+    assert counters["stats"]["unique_graphs"] == 2
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    assert any(cache.rglob("*")), "the compile cache stayed empty"
+
+
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_killed_and_resumed_run_ends_bitwise_equal(mode, tiny_model_dir, alpaca, tmp_path):
     """kill -9 at a random step; resuming from the last checkpoint gives the same weights."""

@@ -60,12 +60,22 @@ def padded_length(length: int) -> int:
     return -(-length // step) * step
 
 
+# Under torch.compile the length is symbolic: padded_length's power-of-two step would make the
+# graph guard on the length's range and recompile for each one, and a branch on `pad` would
+# specialise it to each length. A fixed step (16 sizes up to 1024) rounds up symbolically.
+COMPILED_STEP = 64
+
+
 def _causal_sdpa(query, key, value, **kwargs):
     """Causal SDPA of (B, H, L, D) inputs, returned as (B, L, H, D)."""
     length = query.shape[2]
-    pad = padded_length(length) - length \
-        if query.device.type == "cpu" and torch.is_grad_enabled() else 0
-    if pad:
+    pads = query.device.type == "cpu" and torch.is_grad_enabled()
+    compiling = pads and torch.compiler.is_compiling()
+    if compiling:
+        pad = -(-length // COMPILED_STEP) * COMPILED_STEP - length
+    else:
+        pad = padded_length(length) - length if pads else 0
+    if compiling or pad:
         query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
     out = F.scaled_dot_product_attention(query, key, value, is_causal=True, **kwargs)
     out = out.transpose(1, 2)  # the layout the CPU flash kernel writes: no copy
