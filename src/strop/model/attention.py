@@ -89,10 +89,20 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
                    # SDPA repeats the kv heads itself
                    enable_gqa=getattr(module, "num_key_value_groups", 1) > 1)
     position_ids = kwargs.get("position_ids")
-    packed = position_ids is not None and position_ids.shape[0] == query.shape[0] and \
-        bool((position_ids[:, 1:] == 0).any())
-    if not packed:
-        return _causal_sdpa(query, key, value, **options).contiguous(), None
+    if position_ids is not None and position_ids.shape[0] == query.shape[0]:
+        out = _packed_attention(query, key, value, position_ids, options)
+        if out is not None:
+            return out, None
+    return _causal_sdpa(query, key, value, **options).contiguous(), None
+
+
+# Eager even under torch.compile: the documents' lengths are read from position_ids, so a traced
+# version would break the graph there and then recompile for every new set of lengths.
+@torch.compiler.disable
+def _packed_attention(query, key, value, position_ids, options) -> torch.Tensor | None:
+    """Causal attention within each packed document, or None when no row is packed."""
+    if not bool((position_ids[:, 1:] == 0).any()):
+        return None
     # split/cat rather than slicing and writing into an output tensor: their backward passes
     # concatenate, where a slice's backward writes each document's gradient into a zero tensor
     # of the whole row (measured: a tenth of a packed step on a CPU). Each piece stays 4-D
@@ -106,7 +116,7 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
             _causal_sdpa(q, k, v, **options)
             for q, k, v in zip(q_row.split(lengths, dim=2), k_row.split(lengths, dim=2),
                                v_row.split(lengths, dim=2), strict=True)], dim=1))
-    return torch.cat(rows), None  # contiguous: cat writes a new tensor
+    return torch.cat(rows)  # contiguous: cat writes a new tensor
 
 
 def _no_mask(*args, **kwargs):

@@ -136,3 +136,39 @@ def test_training_attention_sees_padded_lengths_only(model, monkeypatch):
         hidden(model, input_ids=ids, position_ids=packed)         # packed documents
         hidden(model, input_ids=ids[:, :75], position_ids=torch.arange(75)[None])  # one each
     assert sorted(set(seen)) == [48, 80, 128], seen
+
+
+def test_packed_attention_under_compile_is_exact_and_does_not_recompile_per_packing():
+    """Under torch.compile the packed documents' attention runs eagerly: new document lengths
+    in rows of one shape add no graphs, and the results equal the eager ones."""
+    from types import SimpleNamespace
+
+    from torch._dynamo.utils import counters
+
+    from strop.model.attention import varlen_sdpa_forward
+
+    module = SimpleNamespace(num_key_value_groups=1)
+
+    def attend(q, k, v, pos):
+        out, _ = varlen_sdpa_forward(module, q, k, v, None, position_ids=pos)
+        return out * 2
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(attend)
+    graphs = []
+    for lengths in ([16], [3, 13], [7, 9], [10, 6], [2, 5, 9]):  # one document, then packed
+        pos = torch.cat([torch.arange(n) for n in lengths])[None]
+        q, k, v = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(3))
+        out = compiled(q, k, v, pos)
+        out.square().sum().backward()
+        got = [t.grad for t in (q, k, v)]
+        for t in (q, k, v):
+            t.grad = None
+        want = attend(q, k, v, pos)
+        want.square().sum().backward()
+        torch.testing.assert_close(out, want)
+        for g, t in zip(got, (q, k, v), strict=True):
+            torch.testing.assert_close(g, t.grad)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[-1] == graphs[1], graphs  # the first packed row compiled all there is
