@@ -280,16 +280,17 @@ def fused_loss_bytes(vocab: int, hidden: int, tokens: int, chunk_tokens: int, *,
     """(peak while the loss runs, bytes kept for backward) of strop's fused head + loss.
 
     strop.train.loss scores `chunk_tokens` positions at a time and computes the gradients in the
-    forward pass. In a chunk: the compute-dtype logits and their fp32 copy, then the fp32 logits
-    and log-sum-exp's fp32 temporary, then the softmax (in place) and its compute-dtype cast: at
-    most 8 B per logit at once. Around the chunks: the gathered hidden states, their fp32
+    forward pass. In a chunk: the compute-dtype logits and their fp32 copy, then the softmax
+    (made in place from the fp32 logits) and its compute-dtype cast: 6 B per logit at once in
+    bf16, 4 in fp32 (where both casts are no-ops). Around the chunks: the gathered hidden states, their fp32
     gradient, the fp32 head-weight gradient when the head trains, and the head weight cast to
     the compute dtype when it is stored wider. Kept for backward: only the two gradients.
     """
     live = min(tokens, chunk_tokens)
     kept = FP32 * tokens * hidden + (FP32 * vocab * hidden if head_trainable else 0)
     cast = compute_bytes * vocab * hidden if head_weight_bytes != compute_bytes else 0
-    peak = 8.0 * live * vocab + hidden_bytes * tokens * hidden + kept + cast
+    per_logit = FP32 + (compute_bytes if compute_bytes != FP32 else 0)
+    peak = float(per_logit * live * vocab) + hidden_bytes * tokens * hidden + kept + cast
     return peak, kept
 
 
