@@ -282,15 +282,19 @@ def fused_loss_bytes(vocab: int, hidden: int, tokens: int, chunk_tokens: int, *,
     strop.train.loss scores `chunk_tokens` positions at a time and computes the gradients in the
     forward pass. In a chunk: the compute-dtype logits and their fp32 copy, then the softmax
     (made in place from the fp32 logits) and its compute-dtype cast: 6 B per logit at once in
-    bf16, 4 in fp32 (where both casts are no-ops). Around the chunks: the gathered hidden states, their fp32
-    gradient, the fp32 head-weight gradient when the head trains, and the head weight cast to
-    the compute dtype when it is stored wider. Kept for backward: only the two gradients.
+    bf16, 4 in fp32 (where both casts are no-ops). Beside the latter, when the head trains, the
+    chunk's head-weight gradient before it is added up: a (V, H) product in the compute dtype
+    and its fp32 copy. Around the chunks: the gathered hidden states, their fp32 gradient, the
+    fp32 head-weight gradient when the head trains, and the head weight cast to the compute
+    dtype when it is stored wider. Kept for backward: only the two gradients.
     """
     live = min(tokens, chunk_tokens)
+    widen = FP32 if compute_bytes != FP32 else 0  # an fp32 copy, where it is not a no-op
     kept = FP32 * tokens * hidden + (FP32 * vocab * hidden if head_trainable else 0)
     cast = compute_bytes * vocab * hidden if head_weight_bytes != compute_bytes else 0
-    per_logit = FP32 + (compute_bytes if compute_bytes != FP32 else 0)
-    peak = float(per_logit * live * vocab) + hidden_bytes * tokens * hidden + kept + cast
+    chunk_grad_w = (compute_bytes + widen) * vocab * hidden if head_trainable else 0
+    peak = float((compute_bytes + widen) * live * vocab + chunk_grad_w) \
+        + hidden_bytes * tokens * hidden + kept + cast
     return peak, kept
 
 
