@@ -202,7 +202,7 @@ def _compiled(loss_model: LossModel) -> LossModel:
     # dynamic=None: the first graph is specialised to the first batch's shape and only a
     # shape change recompiles it with that dimension symbolic. Packed rows padded to
     # sequence_len keep one shape and keep the faster static graph (full fine-tuning of the
-    # benchmark Llama at 4 x 1024: 1183 tokens/s static, 1132 with dynamic=True).
+    # benchmark Llama at 4 x 1024, one run each: 1183 tokens/s static, 1132 dynamic).
     if loss_model.decoder is not None:
         loss_model.decoder = torch.compile(loss_model.decoder, dynamic=None)
     else:
