@@ -61,25 +61,32 @@ def padded_length(length: int) -> int:
 
 
 # Under torch.compile the length is symbolic: padded_length's power-of-two step would make the
-# graph guard on the length's range and recompile for each one, and a branch on `pad` would
-# specialise it to each length. A fixed step (16 sizes up to 1024) rounds up symbolically.
+# graph guard on the length's range and recompile for each one. A fixed step (16 sizes up to
+# 1024) rounds it up symbolically, and the padding is then applied without asking whether any
+# is needed, since a branch on it would guard too.
 COMPILED_STEP = 64
+
+
+def _training_length(query) -> int | None:
+    """The length a CPU training attention runs at (see above), or None to run as it is."""
+    if query.device.type != "cpu" or not torch.is_grad_enabled():
+        return None
+    length = query.shape[2]
+    if torch.compiler.is_compiling():
+        return -(-length // COMPILED_STEP) * COMPILED_STEP
+    padded = padded_length(length)
+    return padded if padded != length else None
 
 
 def _causal_sdpa(query, key, value, **kwargs):
     """Causal SDPA of (B, H, L, D) inputs, returned as (B, L, H, D)."""
     length = query.shape[2]
-    pads = query.device.type == "cpu" and torch.is_grad_enabled()
-    compiling = pads and torch.compiler.is_compiling()
-    if compiling:
-        pad = -(-length // COMPILED_STEP) * COMPILED_STEP - length
-    else:
-        pad = padded_length(length) - length if pads else 0
-    if compiling or pad:
-        query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
+    padded = _training_length(query)
+    if padded is not None:
+        query, key, value = (F.pad(t, (0, 0, 0, padded - length)) for t in (query, key, value))
     out = F.scaled_dot_product_attention(query, key, value, is_causal=True, **kwargs)
     out = out.transpose(1, 2)  # the layout the CPU flash kernel writes: no copy
-    return out[:, :length] if pad else out
+    return out if padded is None else out[:, :length]
 
 
 def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
