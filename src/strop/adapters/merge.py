@@ -79,7 +79,7 @@ def find_source(source: Path, base: str | None = None) -> MergeSource:
         raise StropError(f"{source}: no adapter_config.json (the run did not finish?){hint}")
     cfg = _run_config(source) if has_config else None
     adapter_config = read_adapter_config(source)
-    base_model = base or (cfg.base_model if cfg else None) \
+    base_model = base or (cfg.model_source if cfg else None) \
         or adapter_config.get("base_model_name_or_path")
     if not base_model:
         raise StropError(f"{source}: the adapter does not name its base model; give it with "
@@ -178,7 +178,10 @@ def _load_tokenizer(located: MergeSource) -> Any:
 
     trust = bool(located.cfg and located.cfg.trust_remote_code)
     try:
-        return AutoTokenizer.from_pretrained(located.tokenizer_dir, trust_remote_code=trust)
+        from strop.model.gguf import local_source
+
+        return AutoTokenizer.from_pretrained(local_source(located.tokenizer_dir),
+                                             trust_remote_code=trust)
     except (OSError, ValueError) as err:
         raise StropError(f"cannot load the tokenizer from {located.tokenizer_dir} "
                          f"({first_line(err)}); "
@@ -195,7 +198,8 @@ def _load_base(located: MergeSource, tokenizer: Any) -> nn.Module:
 
     if located.cfg is not None:
         full_precision = located.cfg.model_copy(update={
-            "base_model": located.base_model, "load_in_4bit": False, "load_in_8bit": False,
+            "base_model": located.base_model, "gguf_file": None, "load_in_4bit": False,
+            "load_in_8bit": False,
             "adapter": None})
         with warnings.catch_warnings():
             # The run already warned about its attention kernel; merging uses whatever works.

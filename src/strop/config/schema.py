@@ -107,8 +107,13 @@ PositiveInt = Annotated[int, Field(gt=0)]
 class StropConfig(_Strict):
     # ---------------------------------------------------------------- model and tokenizer
     base_model: str | None = Field(
-        None, **doc("Model to start from: a local Hugging Face directory or a hub id. Leave it out "
-                    "to build a new model from model_config / base_model_config", "model"))
+        None, **doc("Model to start from: a local Hugging Face directory, a hub id, or a GGUF file "
+                    "(llama.cpp / Ollama; a local .gguf path or owner/repo/file.gguf), "
+                    "dequantized once into a cached directory. Leave it out to build a new model "
+                    "from model_config / base_model_config", "model"))
+    gguf_file: str | None = Field(
+        None, **doc("A .gguf file inside base_model (a directory or a hub repository), as "
+                    "transformers' gguf_file; the same as base_model: repo/file.gguf", "model"))
     base_model_config: str | None = Field(
         None, **doc("Where config.json comes from when it differs from base_model (a directory, a "
                     "config.json file or a hub id)", "model"))
@@ -354,6 +359,13 @@ class StropConfig(_Strict):
     @property
     def model_config_dict(self) -> dict[str, Any]:
         return dict(self.model_config_overrides or {})
+
+    @property
+    def model_source(self) -> str | None:
+        """Where the base weights are: base_model, or the GGUF file gguf_file names in it."""
+        from strop.model.gguf import join
+
+        return join(self.base_model, self.gguf_file) if self.base_model else None
 
     @property
     def from_scratch(self) -> bool:

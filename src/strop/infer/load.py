@@ -111,8 +111,10 @@ def _tokenizer(run: Path, cfg: StropConfig | None) -> Any:
 
     source: str | Path = run
     if not any((run / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json")):
-        if cfg is not None and cfg.base_model:
-            source = cfg.base_model
+        if cfg is not None and cfg.model_source:
+            from strop.model.gguf import local_source
+
+            source = local_source(cfg.model_source)
         elif (run / "adapter_config.json").is_file():
             from strop.adapters.lora import read_adapter_config
 
@@ -151,10 +153,10 @@ def _full_base(run: Path, cfg: StropConfig | None, tokenizer: Any, device: str,
         raise StropError(f"{run}: there is no base model to compare with ({why})")
     from strop.model.load import resize_embeddings
 
-    model = _causal_lm(cfg.base_model, dtype, device, cfg)
+    model = _causal_lm(cfg.model_source, dtype, device, cfg)
     resize_embeddings(model, len(tokenizer))
-    return Loaded(model, tokenizer, cfg, Path(cfg.base_model), "base",
-                  f"the base model {cfg.base_model}")
+    return Loaded(model, tokenizer, cfg, Path(cfg.model_source), "base",
+                  f"the base model {cfg.model_source}")
 
 
 def _adapter(run: Path, cfg: StropConfig | None, tokenizer: Any, device: str, dtype: torch.dtype,
@@ -167,7 +169,8 @@ def _adapter(run: Path, cfg: StropConfig | None, tokenizer: Any, device: str, dt
         # run's tokenizer. The adapter was trained against these weights.
         from strop.model.load import load_model
 
-        as_trained = cfg.model_copy(update={"base_model": located.base_model, "adapter": None})
+        as_trained = cfg.model_copy(update={"base_model": located.base_model, "gguf_file": None,
+                                           "adapter": None})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the run already warned (attention)
             model = load_model(as_trained, tokenizer, device, dtype)

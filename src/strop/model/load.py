@@ -149,14 +149,14 @@ def load_pretrained(cfg: StropConfig, device: str, dtype: torch.dtype,
     """base_model's weights, quantized when the config says so, placed on `device`."""
     from strop.model.quantize import bnb_config, keep_4bit_weights_trainable
 
-    assert cfg.base_model is not None
+    assert cfg.model_source is not None
     config = None
     if cfg.base_model_config or cfg.model_config_dict:
         from strop.model.meta import resolve_model_config
 
         config = resolve_model_config(cfg)
     quantization = bnb_config(cfg, device)
-    model = from_pretrained(model_class(cfg), cfg.base_model, dtype=dtype, device=device,
+    model = from_pretrained(model_class(cfg), cfg.model_source, dtype=dtype, device=device,
                             attention=attention, trust_remote_code=cfg.trust_remote_code,
                             revision=cfg.model_revision, config=config, quantization=quantization)
     if quantization is not None:
@@ -168,8 +168,12 @@ def from_pretrained(cls, source: str, *, dtype: torch.dtype, device: str = "cpu"
                     attention: str = "sdpa", trust_remote_code: bool = False,
                     revision: str | None = None, config: PretrainedConfig | None = None,
                     quantization: Any = None, key: str = "base_model") -> PreTrainedModel:
-    """`cls.from_pretrained(source)`; a source that cannot be read is one line naming it."""
+    """`cls.from_pretrained(source)`; a source that cannot be read is one line naming it. A GGUF
+    file loads from its dequantized copy (strop.model.gguf)."""
+    from strop.model.gguf import local_source
+
     _check_local_path(source, key)
+    source = local_source(source, revision)
     kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=attention,
                                   trust_remote_code=trust_remote_code, device_map={"": device})
     if revision:

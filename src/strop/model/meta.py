@@ -36,6 +36,10 @@ def config_from_source(source: str, trust_remote_code: bool = False,
     """config.json from a directory, a config.json file, a hub id, or strop's offline table."""
     from transformers import AutoConfig
 
+    from strop.model.gguf import gguf_config, is_gguf
+
+    if is_gguf(source):
+        return gguf_config(source, revision)
     path = Path(source)
     if path.is_file():
         data = json.loads(path.read_text())
@@ -74,7 +78,7 @@ def resolve_model_config(cfg: StropConfig) -> PretrainedConfig:
     """The architecture a run trains: base_model's config (or base_model_config), with the
     config's model_config overrides; or, building from scratch, model_config alone."""
     overrides = cfg.model_config_dict
-    source = cfg.base_model_config or cfg.base_model
+    source = cfg.base_model_config or cfg.model_source
     if source is None:
         return _from_dict(overrides, "model_config")
     hf_config = config_from_source(source, cfg.trust_remote_code, cfg.model_revision)

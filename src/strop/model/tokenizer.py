@@ -30,7 +30,9 @@ def load_tokenizer(cfg):
 def _from_pretrained(cfg):
     import transformers
 
-    source = cfg.tokenizer_config or cfg.base_model or cfg.base_model_config
+    from strop.model.gguf import local_source
+
+    source = cfg.tokenizer_config or cfg.model_source or cfg.base_model_config
     if not source:
         raise StropError("no tokenizer: set tokenizer_config (a tokenizer directory or hub id), "
                          "base_model, or pretrain_tokenizer to train one on the corpus")
@@ -42,9 +44,11 @@ def _from_pretrained(cfg):
     kwargs = {"trust_remote_code": cfg.trust_remote_code}
     if name == "AutoTokenizer":
         kwargs["use_fast"] = cfg.tokenizer_use_fast
-    if cfg.model_revision and source == cfg.base_model:
+    if cfg.model_revision and source == cfg.model_source:
         kwargs["revision"] = cfg.model_revision
     try:
+        # A GGUF's tokenizer and chat template come from the file, through its converted copy.
+        source = local_source(source, cfg.model_revision)
         return cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError, ImportError) as err:
         where = "a local directory" if Path(source).exists() else "the Hugging Face hub"

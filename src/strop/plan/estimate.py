@@ -46,7 +46,7 @@ def model_facts(cfg: StropConfig) -> ModelFacts:
         model.resize_token_embeddings(hf_config.get_text_config().vocab_size + vocab_extra,
                                       mean_resizing=False)
     params = count_params(model, cfg)
-    source = cfg.base_model_config or cfg.base_model or "model_config"
+    source = cfg.base_model_config or cfg.model_source or "model_config"
     return ModelFacts(hf_config, model_shape(model.config), params, source)
 
 
@@ -60,7 +60,7 @@ def _architecture(cfg: StropConfig) -> Any:
 
     from strop.model.meta import known_configs, resolve_model_config
 
-    source = cfg.base_model_config or cfg.base_model
+    source = cfg.base_model_config or cfg.model_source
     known = known_configs().get(source.lower()) if source else None
     if known is None or Path(source).exists() or cfg.model_revision:
         return resolve_model_config(cfg)

@@ -91,7 +91,10 @@ def _line_chars(line: str, path: Path) -> int:
 def chars_per_token(cfg: StropConfig, sample: list[str]) -> tuple[float, str]:
     """Measured with the tokenizer when it is on disk (base_model or tokenizer_config as a
     local directory), else DEFAULT_CHARS_PER_TOKEN."""
-    source = cfg.tokenizer_config or cfg.base_model
+    from strop.model.gguf import cache_dir_if_converted
+
+    source = cfg.tokenizer_config or cfg.model_source
+    source = cache_dir_if_converted(source) or source
     if source and Path(source).is_dir() and sample:
         try:
             from transformers import AutoTokenizer
