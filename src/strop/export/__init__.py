@@ -17,7 +17,12 @@ FORMATS = ("gguf", "hf")
 # llama.cpp against PyTorch, measured on tiny llamas: f16 ~4e-4, q8_0 ~9e-3 (x max(1, largest logit));
 # a missing rotary permutation gave 4.5e-3 there. Larger models are not measured yet. Beyond the
 # limits the export (or llama.cpp's reading of it) is wrong.
-PARITY_TOLERANCE = {"f16": 3e-3, "q8_0": 3e-2}
+# llama.cpp against PyTorch on the weights the file holds: the mean KL divergence of the next-token
+# distributions, in nats. What remains is llama.cpp's own arithmetic (f16 matmuls; q8_0 rounds
+# the activations to 8 bits too), which grows with depth: on SmolLM2-135M (30 layers) f16 gave
+# KL 8e-6 and q8_0 7e-3, and raw logits differed by 0.07 and 1.7, so a logit limit that holds
+# for 2 layers fails a real model while its greedy tokens agree.
+PARITY_KL = {"f16": 1e-4, "q8_0": 3e-2}
 
 
 def export_model(run: Path, format_: str, quant: str = "f16", out: Path | None = None,
@@ -73,21 +78,22 @@ def export_gguf(model: Any, tokenizer: Any, out: Path, quant: str, force: bool =
                              f"{len(failures)} tensor(s) off); nothing was written. Pass --force "
                              "to write it anyway")
         messages.append(f"the check failed ({failures[0]}); writing anyway because of --force")
-    parity = llama_cpp_parity(partial, model, tokenizer)
+    parity = llama_cpp_parity(partial, model, tokenizer, check.written)
     if parity is None:
         messages.append("llama.cpp parity not checked: llama-cpp-python is not installed "
                         "(pip install llama-cpp-python)")
     else:
-        limit = PARITY_TOLERANCE[quant] * max(1.0, parity["logit_scale"])
-        messages.append(f"llama.cpp parity on {parity['positions']} positions: max |logit diff| "
-                        f"{parity['max_abs_logit_diff']:.3g} (limit {limit:.3g}), greedy tokens "
+        limit = PARITY_KL[quant]
+        messages.append(f"llama.cpp parity on {parity['positions']} positions: mean KL "
+                        f"{parity['mean_kl']:.2g} nats (limit {limit:.2g}), max |logit diff| "
+                        f"{parity['max_abs_logit_diff']:.3g}, greedy tokens "
                         f"agree {parity['greedy_agreement']:.1%}, same tokenization "
                         f"{parity['same_tokenization']}")
-        if parity["max_abs_logit_diff"] > limit and not force:
+        if parity["mean_kl"] > limit and not force:
             partial.unlink(missing_ok=True)
-            raise StropError(f"llama.cpp's logits differ from PyTorch's by "
-                             f"{parity['max_abs_logit_diff']:.3g} (limit {limit:.3g}); nothing "
-                             "was written. Pass --force to write it anyway")
+            raise StropError(f"llama.cpp's next-token distributions differ from PyTorch's by a "
+                             f"mean KL of {parity['mean_kl']:.2g} nats (limit {limit:.2g}); "
+                             "nothing was written. Pass --force to write it anyway")
     partial.replace(out)
     messages.append(f"wrote {out} ({quant}, {out.stat().st_size / 2**20:.1f} MiB)")
     return messages

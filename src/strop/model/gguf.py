@@ -14,6 +14,7 @@ tensors: `gguf_config(path)` is quick on any size of model.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ SUFFIX = ".gguf"
 # Written last into a converted directory: what it was made from. A directory without it is an
 # interrupted conversion and is made again.
 MARKER = "strop-gguf.json"
+FORMAT = 2  # of the converted directory; a new value converts again
 
 
 def is_gguf(source: str | os.PathLike | None) -> bool:
@@ -112,7 +114,8 @@ def _key(path: Path) -> str:
     import transformers
 
     stat = path.resolve().stat()
-    facts = [str(path.resolve()), stat.st_size, stat.st_mtime_ns, transformers.__version__]
+    facts = [FORMAT, str(path.resolve()), stat.st_size, stat.st_mtime_ns,
+             transformers.__version__]
     return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:20]
 
 
@@ -179,7 +182,11 @@ def _convert(path: Path, out: Path) -> None:
         raise StropError(f"base_model: {path}: transformers cannot load this GGUF "
                          f"({first_line(err, 160)}); its architecture or quantization type may "
                          "not be supported") from None
-    config = loaded.config
+    # The loaded config says "quantized with gguf"; the saved copy is an ordinary fp32 model (and
+    # must be, for bitsandbytes to quantize it for QLoRA).
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict(), strict=True, assign=True)
