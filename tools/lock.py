@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -65,7 +66,9 @@ def normalise(name: str) -> str:
 
 
 def _run(*args: str) -> str:
-    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    # As the Makefile builds llama.cpp's binding: without its multimodal library.
+    env = {**os.environ, "CMAKE_ARGS": f"-DLLAVA_BUILD=OFF {os.environ.get('CMAKE_ARGS', '')}"}
+    return subprocess.run(args, check=True, capture_output=True, text=True, env=env).stdout
 
 
 def resolve() -> list[str]:
