@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from strop.errors import StropError
+from strop.errors import StropError, first_line
 
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "strop-config.yml"
@@ -69,7 +69,12 @@ def remove_partial(output_dir: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every RNG's state as tensors, lists and numbers only, so that it loads with
+    torch.load(weights_only=True): a checkpoint is data and its loading runs no code."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -77,11 +82,32 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_state(path: Path) -> Any:
+    """A checkpoint's .pt file as data: tensors, dicts, lists and numbers, never code
+    (weights_only=True). A file that is missing, damaged or holds anything else is one line."""
+    import pickle
+
+    if not path.is_file():
+        raise StropError(f"{path} is missing: the checkpoint is incomplete; resume from another "
+                         "checkpoint-N or start again")
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        raise StropError(f"{path}: refused to load it, it holds more than tensors and numbers "
+                         f"({first_line(err, 120)}); strop never runs code from a checkpoint. "
+                         "Resume from a checkpoint strop wrote") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise StropError(f"{path} is damaged ({first_line(err, 120)}); resume from another "
+                         "checkpoint-N or start again") from None
 
 
 def save_model_files(model: nn.Module, tokenizer: Any, directory: Path, config_text: str) -> None:
@@ -149,15 +175,15 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, ada
     """Weights, optimizer, scheduler and trainer state; the RNG state is restored separately
     (`restore_rng`), as the very last step of setup, so nothing drawn after it shifts dropout."""
     load_weights(model, directory, adapter)
-    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
+    optimizer.load_state_dict(load_state(directory / "optimizer.pt"))
+    scheduler.load_state_dict(load_state(directory / "scheduler.pt"))
     if scaler is not None and (directory / "scaler.pt").exists():
-        scaler.load_state_dict(torch.load(directory / "scaler.pt"))
+        scaler.load_state_dict(load_state(directory / "scaler.pt"))
     return TrainerState.from_file(directory / STATE_FILE)
 
 
 def restore_rng(directory: Path) -> None:
-    set_rng_state(torch.load(directory / "rng.pt", weights_only=False))
+    set_rng_state(load_state(directory / "rng.pt"))
 
 
 def prune(output_dir: Path, limit: int | None, keep: set[str]) -> list[Path]:
