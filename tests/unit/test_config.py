@@ -318,3 +318,29 @@ def test_user_defined_format(write_yaml):
     fmt = cfg.datasets[0].type
     assert fmt.field_instruction == "q" and fmt.format.startswith("Q:")
     assert cfg.datasets[0].format_name == "user_defined"
+
+
+# ------------------------------------------------------------------ hostile and odd YAML files
+
+
+def test_an_alias_bomb_is_refused_quickly_in_one_line(tmp_path):
+    import time
+
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, 10):
+        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]")
+    lines.append("base_model: *a9")
+    path = tmp_path / "bomb.yml"
+    path.write_text("\n".join(lines) + "\n")
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert time.perf_counter() - started < 5  # 9**10 values if expanded
+    assert "aliases" in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
+def test_a_utf8_bom_is_dropped(tmp_path):
+    path = tmp_path / "bom.yml"
+    path.write_bytes(b"\xef\xbb\xbf" + b"base_model: ./m\ndatasets:\n  - path: d.jsonl\n"
+                     b"    type: alpaca\nlearning_rate: 1e-4\n")
+    assert load_config(path).cfg.base_model == "./m"

@@ -67,10 +67,38 @@ def _syntax_error(path: Path | None, err: yaml.YAMLError) -> ConfigError:
     return ConfigError([f"{name}: YAML syntax error: {problem}"])
 
 
+# A config is a page of keys. These bounds keep a hostile or broken file (a "billion laughs" of
+# nested aliases expands exponentially once its values are copied) from eating the machine.
+MAX_BYTES = 1 << 20
+MAX_VALUES = 100_000
+
+
+def expanded_size(node: yaml.Node, memo: dict[int, int] | None = None) -> int:
+    """How many values the document holds once every alias is expanded, computed without
+    expanding (each shared node is sized once)."""
+    memo = {} if memo is None else memo
+    if id(node) in memo:
+        return memo[id(node)]
+    size = 1
+    if isinstance(node, yaml.MappingNode):
+        size += sum(expanded_size(k, memo) + expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size += sum(expanded_size(item, memo) for item in node.value)
+    memo[id(node)] = size
+    return size
+
+
 def parse_yaml_text(text: str, path: Path | None = None) -> YamlDocument:
     name = str(path) if path else "<config>"
+    if len(text) > MAX_BYTES:
+        raise ConfigError([f"{name}: {len(text):,} characters is not a config (at most "
+                           f"{MAX_BYTES:,}); point datasets at data files instead of inlining"])
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is not None and expanded_size(root) > MAX_VALUES:
+            raise ConfigError([f"{name}: its YAML aliases (&anchor / *alias) expand to more than "
+                               f"{MAX_VALUES:,} values; write the values out or use fewer "
+                               "nested aliases"])
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         return_error = _syntax_error(path, err)
@@ -106,7 +134,7 @@ def read_yaml(path: str | Path) -> YamlDocument:
     if path.is_dir():
         raise ConfigError([f"{path}: is a directory; give the path of a .yml config file"])
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM from a Windows editor is dropped
     except UnicodeDecodeError as err:
         raise ConfigError([f"{path}: not UTF-8 text (byte {err.start}); save the config as "
                            "UTF-8"]) from None
