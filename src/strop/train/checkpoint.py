@@ -102,9 +102,12 @@ def load_state(path: Path) -> Any:
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as err:
+        # torch's message is a page; the line naming what the file asked for is the useful one.
+        found = re.search(r"Unsupported [^\n]*", str(err))
+        what = found.group(0).rstrip(". ") if found else first_line(err, 120)
         raise StropError(f"{path}: refused to load it, it holds more than tensors and numbers "
-                         f"({first_line(err, 120)}); strop never runs code from a checkpoint. "
-                         "Resume from a checkpoint strop wrote") from None
+                         f"({what[:120]}); strop never runs code from a checkpoint. Resume "
+                         "from a checkpoint strop wrote") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise StropError(f"{path} is damaged ({first_line(err, 120)}); resume from another "
                          "checkpoint-N or start again") from None

@@ -506,4 +506,7 @@ def _finish(run: Run, outcome: Outcome) -> dict[str, Any]:
 
 def train(loaded: LoadedConfig, overwrite: bool = False) -> dict[str, Any]:
     """Run the config's training: setup, loop, save. Returns the run's summary."""
-    return fit(setup(loaded, overwrite))
+    from strop.train.run_lock import exclusive_output_dir
+
+    with exclusive_output_dir(Path(loaded.cfg.output_dir)):
+        return fit(setup(loaded, overwrite))

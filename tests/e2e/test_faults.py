@@ -1,0 +1,103 @@
+"""Fault injection: what a careless user or an attacker does to a run, and what strop says.
+Each case checks that nothing the user wrote or trained is lost or overwritten."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import time
+
+import pytest
+import torch
+
+from conftest import write_alpaca
+from e2e.test_train import sft, strop_process, write_config
+from strop.train.run_lock import LOCK_FILE
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def alpaca(tmp_path_factory):
+    return write_alpaca(tmp_path_factory.mktemp("faults") / "alpaca.jsonl", 120, seed=7)
+
+
+def one_line(text: str) -> bool:
+    """stderr holds exactly one error line (progress bars of loading may come before it)."""
+    errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    return len(errors) == 1 and "Traceback" not in text
+
+
+def test_a_second_run_into_a_busy_output_dir_is_refused(tiny_model_dir, alpaca, tmp_path, cli):
+    out = tmp_path / "run"
+    first_cfg = write_config(tmp_path / "first.yml", sft(
+        tiny_model_dir("llama"), alpaca, out, max_steps=400, save_steps=1))
+    first = strop_process("train", first_cfg)
+    deadline = time.time() + 120
+    while not (out / "checkpoint-1").exists():
+        assert first.poll() is None and time.time() < deadline, "the first run did not start"
+        time.sleep(0.05)
+    try:
+        second = cli("train", write_config(tmp_path / "second.yml", sft(
+            tiny_model_dir("llama"), alpaca, out, max_steps=2)), "--overwrite")
+        assert second.code == 2 and one_line(second.err), second.err
+        assert "in use by another strop train" in second.err
+        assert f"pid {first.pid}" in second.err
+        assert first.poll() is None  # untouched, still training
+    finally:
+        first.kill()
+        first.wait()
+    assert (out / "checkpoint-1").is_dir()
+
+
+def test_a_lock_left_by_a_dead_run_does_not_block(tiny_model_dir, alpaca, tmp_path, cli):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_FILE).write_text(json.dumps({"pid": 999999, "host": "gone", "started": "-"}))
+    result = cli("train", write_config(tmp_path / "c.yml", sft(
+        tiny_model_dir("llama"), alpaca, out, max_steps=1)))
+    assert result.code == 0, result.err
+    assert not (out / LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "under-a-file"])
+def test_an_output_dir_that_cannot_be_one_is_one_line(kind, tiny_model_dir, alpaca, tmp_path,
+                                                      cli):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a user's file")
+    out = blocker if kind == "file" else blocker / "run"
+    result = cli("train", write_config(tmp_path / "c.yml", sft(
+        tiny_model_dir("llama"), alpaca, out, max_steps=1)))
+    assert result.code == 2 and one_line(result.err), result.err
+    assert blocker.read_text() == "a user's file"
+
+
+class _Planted:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resuming_from_a_planted_rng_file_runs_nothing(tiny_model_dir, alpaca, tmp_path, cli):
+    out = tmp_path / "run"
+    cfg = sft(tiny_model_dir("llama"), alpaca, out, max_steps=2, save_steps=1)
+    assert cli("train", write_config(tmp_path / "a.yml", cfg)).code == 0
+    marker = tmp_path / "pwned"
+    for name in ("rng.pt", "optimizer.pt"):
+        planted = out / "checkpoint-1" / name
+        original = planted.read_bytes()
+        torch.save({"state": _Planted(marker)}, planted)
+        result = cli("train", write_config(tmp_path / "b.yml", {**cfg, "max_steps": 3}),
+                     "--resume_from_checkpoint", "latest")
+        assert result.code == 2 and one_line(result.err), result.err
+        assert "never runs code" in result.err and not marker.exists()
+        planted.write_bytes(original)
+    with (out / "checkpoint-1" / "rng.pt").open("wb") as f:
+        pickle.dump(_Planted(marker), f)  # a plain pickle, not torch's zip format
+    result = cli("train", write_config(tmp_path / "c.yml", {**cfg, "max_steps": 3}),
+                 "--resume_from_checkpoint", "latest")
+    assert result.code == 2 and not marker.exists(), result.err
