@@ -344,3 +344,23 @@ def test_a_utf8_bom_is_dropped(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + b"base_model: ./m\ndatasets:\n  - path: d.jsonl\n"
                      b"    type: alpaca\nlearning_rate: 1e-4\n")
     assert load_config(path).cfg.base_model == "./m"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("learning_rate: .inf", "learning_rate: must be a finite number"),
+    ("learning_rate: 1e400", "learning_rate: must be a finite number"),
+    ("learning_rate: .nan", "learning_rate: must be a finite number"),
+    ("learning_rate: true", "learning_rate: must be a number, not true or false"),
+    ("learning_rate: 1e-4\nmicro_batch_size: true", "micro_batch_size: must be a number"),
+])
+def test_non_finite_and_boolean_numbers_are_rejected(write_yaml, text, message):
+    path = write_yaml("base_model: ./m\ndatasets:\n  - path: d.jsonl\n    type: alpaca\n" + text
+                      + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert message in str(err.value) and f"{path}:" in str(err.value)
+
+
+def test_a_key_given_twice_on_the_command_line_is_an_error():
+    with pytest.raises(ConfigError, match="--lora-r is given twice"):
+        parse_overrides(["--lora_r", "8", "--lora-r", "16"])

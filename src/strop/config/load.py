@@ -120,7 +120,11 @@ def parse_overrides(args: list[str] | tuple[str, ...]) -> dict[str, Any]:
             parsed = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError:
             parsed = value
-        out[name.replace("-", "_")] = parsed
+        key = name.replace("-", "_")
+        if key in out:
+            raise ConfigError([f"{OVERRIDE}: --{name} is given twice ({out[key]!r}, then "
+                               f"{parsed!r}); give it once"])
+        out[key] = parsed
         i += 1
     return out
 

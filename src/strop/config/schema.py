@@ -8,9 +8,17 @@ after the fields themselves validate.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from strop.config.datasets import CHAT_TEMPLATES, DatasetConfig
 
@@ -46,11 +54,15 @@ def doc(description: str, group: str, **extra: Any) -> dict[str, Any]:
 
 def _str_to_float(value: Any) -> Any:
     # PyYAML (YAML 1.1) reads `2e-5` as a string because it has no dot; accept it as a number.
+    if isinstance(value, bool):  # pydantic would read true as 1.0
+        raise ValueError("must be a number, not true or false")
     if isinstance(value, str):
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must be a finite number")
     return value
 
 
@@ -347,6 +359,17 @@ class StropConfig(_Strict):
     @classmethod
     def _numbers_from_strings(cls, value: Any) -> Any:
         return _str_to_float(value)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads `micro_batch_size: true` as 1; a boolean where a number belongs is a
+        # mistake to point at, not a value.
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if "bool" not in str(annotation) and any(t in str(annotation) for t in ("int", "float")):
+                raise ValueError("must be a number, not true or false")
+        return value
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> StropConfig:
