@@ -39,8 +39,10 @@ def validate(ctx: typer.Context, config: Path = typer.Argument(..., help="YAML c
     """
     from strop.config import load_config
     from strop.config.show import render_resolved
+    from strop.model.context import check_before_loading
 
     loaded = load_config(config, ctx.args)
+    check_before_loading(loaded.cfg)
     typer.echo(render_resolved(loaded))
 
 

@@ -101,3 +101,17 @@ def test_resuming_from_a_planted_rng_file_runs_nothing(tiny_model_dir, alpaca, t
     result = cli("train", write_config(tmp_path / "c.yml", {**cfg, "max_steps": 3}),
                  "--resume_from_checkpoint", "latest")
     assert result.code == 2 and not marker.exists(), result.err
+
+
+@pytest.mark.parametrize("length, message", [
+    (4096, "sequence_len: 4096 is longer than the 512 positions"),
+    (10**9, "sequence_len"),
+])
+def test_a_sequence_len_past_the_models_context_is_caught_before_loading(
+        length, message, tiny_model_dir, alpaca, tmp_path, cli):
+    cfg = write_config(tmp_path / "c.yml", sft(tiny_model_dir("llama"), alpaca, tmp_path / "run",
+                                              sequence_len=length, sample_packing=True))
+    for verb in ("validate", "train"):
+        result = cli(verb, cfg)
+        assert result.code == 2 and one_line(result.err) and message in result.err, result.err
+    assert not (tmp_path / "run").exists()  # refused before output_dir was made

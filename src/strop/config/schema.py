@@ -236,7 +236,11 @@ class StropConfig(_Strict):
         False, **doc("strop: train on the valid rows and report the bad ones, instead of stopping", "data"))
 
     # ---------------------------------------------------------------- batches and length
-    sequence_len: PositiveInt = Field(512, **doc("Maximum tokens per row (or per packed row)", "batch"))
+    # 2**22 tokens is past every released model's context; a larger value is a typo that would
+    # reserve the memory for it.
+    sequence_len: Annotated[int, Field(gt=0, le=1 << 22)] = Field(
+        512, **doc("Maximum tokens per row (or per packed row); at most the model's context "
+                   "(max_position_embeddings)", "batch"))
     sample_packing: bool = Field(
         False, **doc("Pack several rows into each sequence_len row; rows never attend to each other",
                      "batch"))

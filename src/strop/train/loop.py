@@ -506,7 +506,9 @@ def _finish(run: Run, outcome: Outcome) -> dict[str, Any]:
 
 def train(loaded: LoadedConfig, overwrite: bool = False) -> dict[str, Any]:
     """Run the config's training: setup, loop, save. Returns the run's summary."""
+    from strop.model.context import check_sequence_len
     from strop.train.run_lock import exclusive_output_dir
 
+    check_sequence_len(loaded.cfg)  # from the model's config.json, before anything is written
     with exclusive_output_dir(Path(loaded.cfg.output_dir)):
         return fit(setup(loaded, overwrite))
