@@ -115,3 +115,64 @@ def test_a_sequence_len_past_the_models_context_is_caught_before_loading(
         result = cli(verb, cfg)
         assert result.code == 2 and one_line(result.err) and message in result.err, result.err
     assert not (tmp_path / "run").exists()  # refused before output_dir was made
+
+
+# ------------------------------------------------------------------------ damaged checkpoints
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: max(8, path.stat().st_size // 3)])
+
+
+DAMAGE = {
+    "truncated weights": lambda c: _truncate(c / "adapter_model.safetensors"),
+    "missing optimizer": lambda c: (c / "optimizer.pt").unlink(),
+    "corrupt scheduler": lambda c: (c / "scheduler.pt").write_bytes(b"not a zip"),
+    "truncated rng": lambda c: _truncate(c / "rng.pt"),
+    "malformed state": lambda c: (c / "trainer_state.json").write_text('{"step": '),
+}
+
+
+@pytest.fixture(scope="module")
+def lora_checkpoints(tiny_model_dir, alpaca, tmp_path_factory):
+    """A LoRA run stopped with checkpoints at steps 1, 2 and 3 (kept as a pristine copy)."""
+    from strop.config import load_dict
+    from strop.train.loop import train
+
+    root = tmp_path_factory.mktemp("damaged")
+    cfg = sft(tiny_model_dir("llama"), alpaca, root / "run", max_steps=4, save_steps=1,
+              adapter="lora", lora_target_linear=True, lora_r=4)
+    train(load_dict(cfg))
+    (root / "run" / "summary.json").unlink()  # as if stopped after step 3's checkpoint
+    return root / "run", cfg
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_latest_skips_a_damaged_checkpoint_and_says_why(kind, lora_checkpoints, tmp_path, cli):
+    import shutil
+
+    pristine, cfg = lora_checkpoints
+    run = tmp_path / "run"
+    shutil.copytree(pristine, run)
+    newest = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    DAMAGE[kind](newest)
+    cfg = write_config(tmp_path / "c.yml", {**cfg, "output_dir": str(run)})
+    result = cli("train", cfg, "--resume_from_checkpoint", str(newest))
+    assert result.code == 2 and one_line(result.err) and "cannot be resumed" in result.err
+
+    result = cli("train", cfg, "--resume_from_checkpoint", "latest")
+    assert result.code == 0, result.err
+    assert f"skipping {newest.name}:" in result.err and "Traceback" not in result.err
+    previous = f"checkpoint-{int(newest.name.split('-')[1]) - 1}"
+    assert f"resuming from {run / previous}" in result.out
+
+
+def test_an_adapter_of_another_rank_is_one_line(lora_checkpoints, tmp_path, cli):
+    import shutil
+
+    pristine, cfg = lora_checkpoints
+    run = tmp_path / "run"
+    shutil.copytree(pristine, run)
+    cfg = write_config(tmp_path / "c.yml", {**cfg, "output_dir": str(run), "lora_r": 8})
+    result = cli("train", cfg, "--resume_from_checkpoint", "latest")
+    assert result.code == 2 and one_line(result.err) and "does not fit" in result.err, result.err

@@ -49,7 +49,16 @@ class TrainerState:
 
     @classmethod
     def from_file(cls, path: Path) -> TrainerState:
-        return cls(**json.loads(path.read_text()))
+        try:
+            data = json.loads(path.read_text())
+            state = cls(**data)
+        except (OSError, ValueError, TypeError) as err:
+            raise StropError(f"{path} is damaged ({first_line(err, 120)}); resume from another "
+                             "checkpoint-N or start again") from None
+        if not isinstance(state.step, int) or state.step < 0:
+            raise StropError(f"{path}: step {state.step!r} is not a step count; resume from "
+                             "another checkpoint-N")
+        return state
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
@@ -59,6 +68,40 @@ def checkpoints(output_dir: Path) -> list[Path]:
     found = [(int(m.group(1)), p) for p in output_dir.iterdir()
              if p.is_dir() and (m := _CKPT.match(p.name)) and (p / STATE_FILE).exists()]
     return [p for _, p in sorted(found)]
+
+
+def damage(directory: Path, adapter: bool) -> str | None:
+    """Why a checkpoint cannot be resumed from, or None when it looks whole: every file there,
+    the trainer state readable, the weights' safetensors headers and the .pt archives intact.
+    Reads headers and directories only, not the tensors."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    weights = ["adapter_model.safetensors"] if adapter else \
+        sorted(p.name for p in directory.glob("*.safetensors"))
+    if not weights:
+        return "it holds no model weights (*.safetensors)"
+    for name in [*weights, "optimizer.pt", "scheduler.pt", "rng.pt", STATE_FILE]:
+        if not (directory / name).is_file():
+            return f"{name} is missing"
+    try:
+        TrainerState.from_file(directory / STATE_FILE)
+    except StropError:
+        return f"{STATE_FILE} is damaged"
+    for name in weights:
+        try:
+            with safe_open(directory / name, framework="pt") as f:
+                f.keys()
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            return f"{name} is damaged ({first_line(err, 80)})"
+    for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
+        try:
+            with zipfile.ZipFile(directory / name) as archive:
+                archive.namelist()
+        except (zipfile.BadZipFile, OSError) as err:
+            return f"{name} is damaged ({first_line(err, 80)})"
+    return None
 
 
 def remove_partial(output_dir: Path) -> None:
@@ -146,7 +189,13 @@ def load_weights(model: nn.Module, directory: Path, adapter: bool) -> None:
     if adapter:
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"))
+        try:
+            result = set_peft_model_state_dict(model,
+                                               load_file(directory / "adapter_model.safetensors"))
+        except RuntimeError as err:  # size mismatch: another rank or target set
+            raise StropError(f"{directory}: the adapter does not fit this model "
+                             f"({first_line(err, 160)}); resume with the lora_r and targets that "
+                             "wrote it") from None
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise StropError(f"{directory}: adapter does not fit this model (unexpected keys, e.g. "
@@ -157,7 +206,11 @@ def load_weights(model: nn.Module, directory: Path, adapter: bool) -> None:
         state.update(load_file(file))
     if not state:
         raise StropError(f"{directory}: no model weights (*.safetensors) in this checkpoint")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise StropError(f"{directory}: weights do not fit this model ({first_line(err, 160)}); "
+                         "resume with the config that wrote the checkpoint") from None
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     really_missing = [k for k in missing if k not in tied and not _is_tied_copy(model, k, state)]
     if really_missing or unexpected:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,14 +83,18 @@ def _prepare_output_dir(cfg: StropConfig, out: Path, overwrite: bool) -> Path | 
             if not found:
                 raise StropError(f"resume_from_checkpoint: latest, but {out} holds no checkpoint; "
                                  "remove it to start a new run")
-            return found[-1]
+            return _newest_whole(found, cfg.uses_lora)
         path = Path(resume)
         if not (path / ckpt.STATE_FILE).exists():
             raise StropError(f"resume_from_checkpoint: {resume} is not a strop checkpoint "
                              f"(no {ckpt.STATE_FILE}); give a checkpoint-N directory or 'latest'")
+        why = ckpt.damage(path, cfg.uses_lora)
+        if why:
+            raise StropError(f"resume_from_checkpoint: {resume} cannot be resumed: {why}; give "
+                             "another checkpoint-N, or 'latest' for the newest whole one")
         return path
     if cfg.auto_resume_from_checkpoints and found and not overwrite:
-        return found[-1]
+        return _newest_whole(found, cfg.uses_lora)
     finished = (out / "summary.json").exists()
     if (finished or found) and not overwrite:
         what = "a finished run" if finished else f"an unfinished run ({found[-1].name})"
@@ -103,6 +108,17 @@ def _prepare_output_dir(cfg: StropConfig, out: Path, overwrite: bool) -> Path | 
             elif path.exists():
                 path.unlink()
     return None
+
+
+def _newest_whole(found: list[Path], adapter: bool) -> Path:
+    """The newest checkpoint that is whole; each newer damaged one is named with its damage."""
+    for path in reversed(found):
+        why = ckpt.damage(path, adapter)
+        if why is None:
+            return path
+        print(f"warning: skipping {path.name}: {why}", file=sys.stderr, flush=True)
+    raise StropError(f"no checkpoint in {found[0].parent} can be resumed (each is damaged, see "
+                     "the warnings above); start again with --overwrite")
 
 
 def _every(steps_per_epoch: int, steps: int | None, per_epoch: int | None) -> int | None:
