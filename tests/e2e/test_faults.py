@@ -176,3 +176,38 @@ def test_an_adapter_of_another_rank_is_one_line(lora_checkpoints, tmp_path, cli)
     cfg = write_config(tmp_path / "c.yml", {**cfg, "output_dir": str(run), "lora_r": 8})
     result = cli("train", cfg, "--resume_from_checkpoint", "latest")
     assert result.code == 2 and one_line(result.err) and "does not fit" in result.err, result.err
+
+
+# ------------------------------------------------------------------------ a full disk
+
+
+def test_a_full_disk_during_a_save_keeps_the_last_checkpoint_and_cleans_up(
+        tiny_model_dir, alpaca, tmp_path, cli, monkeypatch):
+    """ENOSPC simulated on the third save's optimizer file (no tmpfs can be mounted here)."""
+    import errno
+
+    import strop.train.checkpoint as ckpt
+
+    real_save = torch.save
+    saves = {"n": 0}
+
+    def save(obj, path, *args, **kwargs):
+        if str(path).endswith("optimizer.pt"):
+            saves["n"] += 1
+            if saves["n"] == 3:
+                real_save(obj, path, *args, **kwargs)  # a partial file on disk, then the error
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", save)
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yml", sft(tiny_model_dir("llama"), alpaca, out,
+                                              max_steps=6, save_steps=1))
+    result = cli("train", cfg)
+    assert result.code == 2 and one_line(result.err), result.err
+    assert "the disk is full" in result.err and "MiB are free" in result.err
+    assert "resume from checkpoint-2" in result.err
+    assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    resumed = cli("train", cfg, "--resume_from_checkpoint", "latest")
+    assert resumed.code == 0 and f"resuming from {out / 'checkpoint-2'}" in resumed.out

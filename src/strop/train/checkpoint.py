@@ -168,18 +168,42 @@ def save_checkpoint(output_dir: Path, model: nn.Module, tokenizer: Any, optimize
     final = output_dir / f"checkpoint-{state.step}"
     tmp = output_dir / f".tmp-checkpoint-{state.step}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model_files(model, tokenizer, tmp, config_text)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    if scaler is not None:
-        torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    (tmp / STATE_FILE).write_text(state.to_json())  # last: its presence marks completeness
+    try:
+        tmp.mkdir(parents=True)
+        save_model_files(model, tokenizer, tmp, config_text)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        (tmp / STATE_FILE).write_text(state.to_json())  # last: its presence marks completeness
+    except OSError as err:
+        # The half-written directory goes (it would fill the disk further); earlier
+        # checkpoints are untouched, so the run can resume from the newest of them.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StropError(_save_failed(output_dir, model, optimizer, err)) from None
     if final.exists():  # re-saving the same step (e.g. a stop right after a periodic save)
         shutil.rmtree(final)
     tmp.rename(final)
     return final
+
+
+def _save_failed(output_dir: Path, model: nn.Module, optimizer, err: OSError) -> str:
+    import errno
+
+    # What a checkpoint holds: the trained weights (the whole model, or the adapter) and the
+    # optimizer's state for them; the tokenizer and configs are small.
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    moments = sum(t.numel() * t.element_size() for s in optimizer.state.values()
+                  for t in s.values() if torch.is_tensor(t))
+    need = trained + moments
+    free = shutil.disk_usage(output_dir).free if output_dir.exists() else 0
+    last = checkpoints(output_dir)
+    resume = f"; resume from {last[-1].name} with --resume_from_checkpoint latest" if last else ""
+    what = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+    return (f"saving a checkpoint in {output_dir} failed ({what}): a checkpoint needs about "
+            f"{need / 2**20:,.0f} MiB and {free / 2**20:,.0f} MiB are free; "
+            f"free some space or set save_total_limit{resume}")
 
 
 def load_weights(model: nn.Module, directory: Path, adapter: bool) -> None:
