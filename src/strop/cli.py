@@ -146,11 +146,14 @@ def data_check(
     show: int = typer.Option(0, "--show", help="Print N samples: trained tokens bold, masked dim"),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON"),
     png: Path = typer.Option(Path("data-check.png"), "--png", help="Where to save the histograms"),
+    strict: bool = typer.Option(True, "--strict/--no-strict",
+                                help="Exit 2 on an empty dataset, invalid rows or all-empty "
+                                     "responses (default), or only report them"),
 ):
     """Lint a dataset: size, duplicates, truncation, masking, EOS trained."""
     from strop.data.commands import data_check as run_check
 
-    run_check(target, type_, tokenizer, sequence_len, show, as_json, png)
+    run_check(target, type_, tokenizer, sequence_len, show, as_json, png, strict)
 
 
 @app.command()

@@ -39,7 +39,8 @@ def test_data_check_figures_on_a_crafted_file(cli, crafted, tiny_model_dir, tmp_
     png = tmp_path / "hist.png"
     result = cli("data", "check", crafted, "--type", "alpaca", "--tokenizer", tiny_model_dir("llama"),
                  "--sequence-len", "256", "--json", "--png", png)
-    assert result.code == 0, result.err
+    # The crafted file holds an invalid row: the figures come, then exit 2 (CI can gate on it).
+    assert result.code == 2 and "1 invalid row(s)" in result.err, result.err
     f = json.loads(result.out)
     assert (f["rows"], f["valid_rows"], f["invalid_rows"]) == (15, 14, 1)
     assert f["bad_rows"] == [f"{crafted}:6: not valid JSON (Expecting ',' delimiter at column 25)"]
@@ -60,11 +61,38 @@ def test_data_check_figures_on_a_crafted_file(cli, crafted, tiny_model_dir, tmp_
 
 def test_data_check_text_report_and_samples(cli, crafted, tiny_model_dir, tmp_path):
     result = cli("data", "check", crafted, "--type", "alpaca", "--tokenizer", tiny_model_dir("llama"),
-                 "--show", "2", "--png", tmp_path / "h.png")
+                 "--show", "2", "--png", tmp_path / "h.png", "--no-strict")
     assert result.code == 0, result.err
     assert "exact duplicates  2 rows" in result.out
     assert "prompt (tokens per row)" in result.out and "█" in result.out
     assert "sample 2" in result.out and "### Response:" in result.out
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([], "no usable rows"),
+    ([{"instruction": f"Q{i}?", "output": ""} for i in range(4)], "every response is empty"),
+])
+def test_data_check_fails_an_empty_dataset_or_empty_responses(rows, message, cli, tiny_model_dir,
+                                                              tmp_path):
+    data = _write(tmp_path / "d.jsonl", rows)
+    result = cli("data", "check", data, "--type", "alpaca", "--tokenizer",
+                 tiny_model_dir("llama"), "--png", tmp_path / "h.png")
+    assert result.code == 2 and message in result.err, result.err + result.out
+
+
+def test_training_on_all_empty_responses_is_an_error(cli, write_yaml, tiny_model_dir, tmp_path):
+    data = _write(tmp_path / "d.jsonl", [{"instruction": f"Q{i}?", "output": ""}
+                                        for i in range(8)])
+    config = write_yaml(f"""
+base_model: {tiny_model_dir("llama")}
+datasets:
+  - path: {data}
+    type: alpaca
+learning_rate: 1e-4
+output_dir: {tmp_path / "run"}
+""")
+    result = cli("train", config)
+    assert result.code == 2 and "every response in the training data is empty" in result.err
 
 
 def test_data_check_on_a_file_needs_type_and_tokenizer(cli, crafted):

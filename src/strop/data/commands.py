@@ -52,7 +52,7 @@ def _file_config(target: Path, type_: str | None, tokenizer: str | None, sequenc
 
 
 def data_check(target: Path, type_: str | None, tokenizer: str | None, sequence_len: int | None,
-               show: int, as_json: bool, png: Path) -> None:
+               show: int, as_json: bool, png: Path, strict: bool = True) -> None:
     from rich.console import Console
 
     from strop.config import load_config
@@ -70,6 +70,7 @@ def data_check(target: Path, type_: str | None, tokenizer: str | None, sequence_
     figures = dict(checked.figures, histogram_png=str(saved))
     if as_json:
         typer.echo(json.dumps(figures, indent=2))
+        _gate(figures, strict)
         return
     for line in lint.report_lines(figures):
         typer.echo(line)
@@ -84,3 +85,18 @@ def data_check(target: Path, type_: str | None, tokenizer: str | None, sequence_
         for i in range(min(show, len(checked.rows))):
             console.rule(f"sample {i + 1} ({legend}, masked: dim)")
             console.print(lint.sample_text(checked.rows, i, tok, plain=not console.is_terminal))
+    _gate(figures, strict)
+
+
+def _gate(figures: dict, strict: bool) -> None:
+    """Exit non-zero (after the report) when the data cannot train well: CI can gate on it."""
+    problems = []
+    if figures["valid_rows"] == 0:
+        problems.append("no usable rows")
+    if figures["invalid_rows"]:
+        problems.append(f"{figures['invalid_rows']} invalid row(s), listed above")
+    if figures["valid_rows"] and figures["empty_responses"] == figures["valid_rows"]:
+        problems.append("every response is empty")
+    if problems and strict:
+        raise StropError(f"the dataset fails the check: {'; '.join(problems)}; fix the data, or "
+                         "pass --no-strict to report without failing")

@@ -196,6 +196,19 @@ def _length_rules(rows: TokenRows, places: list[str], is_text: bool, cfg,
 # ---------------------------------------------------------------------------- whole config
 
 
+def _check_responses(docs: TokenRows, is_text: np.ndarray, tokenizer) -> None:
+    """Instruction data whose every response is empty would train the end token alone: a
+    silent no-op run, so it is an error (completion text always has content)."""
+    if is_text.all():
+        return
+    trained = docs.input_ids[docs.labels != IGNORE]
+    special = np.asarray(sorted(set(getattr(tokenizer, "all_special_ids", []) or [])))
+    if trained.size and not np.isin(trained, special, invert=True).any():
+        raise StropError("every response in the training data is empty: only end-of-turn tokens "
+                         "would be trained; check the response field (field_output, the "
+                         "assistant turns, roles_to_train)")
+
+
 def _bad_rows_error(bad: list[BadRow]) -> StropError:
     lines = [str(b) for b in bad[:SHOWN_BAD_ROWS]]
     more = len(bad) - len(lines)
@@ -271,6 +284,7 @@ def build(cfg, tokenizer, log: Callable[[str], None] | None = None) -> tuple[Tok
     if len(docs) == 0:
         raise StropError(f"no training rows are left after filtering ({_filter_summary(stats)}); "
                          "check the datasets' paths, formats and sequence_len")
+    _check_responses(docs, is_text, tokenizer)
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(docs))
     eval_rows = None
