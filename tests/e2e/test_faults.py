@@ -211,3 +211,77 @@ def test_a_full_disk_during_a_save_keeps_the_last_checkpoint_and_cleans_up(
     monkeypatch.setattr(ckpt.torch, "save", real_save)
     resumed = cli("train", cfg, "--resume_from_checkpoint", "latest")
     assert resumed.code == 0 and f"resuming from {out / 'checkpoint-2'}" in resumed.out
+
+
+# ------------------------------------------------------------------------ odd inputs
+
+
+def test_a_file_that_is_no_model_as_base_model_says_what_is_accepted(alpaca, tmp_path, cli):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes, not a model\n")
+    result = cli("train", write_config(tmp_path / "c.yml", sft(notes, alpaca, tmp_path / "run")))
+    assert result.code == 2 and one_line(result.err), result.err
+    assert "a model directory" in result.err and ".gguf" in result.err and "hub id" in result.err
+    assert notes.read_text() == "my notes, not a model\n"
+
+
+def test_gradient_accumulation_past_an_epoch_is_reported(tiny_model_dir, alpaca, tmp_path, cli):
+    result = cli("train", write_config(tmp_path / "c.yml", sft(
+        tiny_model_dir("llama"), alpaca, tmp_path / "run", max_steps=1,
+        gradient_accumulation_steps=10_000)))
+    assert result.code == 0, result.err
+    assert "gradient_accumulation_steps 10000 is more than the" in result.err
+
+
+def test_a_second_ctrl_c_while_stopping_prints_no_traceback(tiny_model_dir, alpaca, tmp_path):
+    import signal
+
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yml", sft(tiny_model_dir("llama"), alpaca, out,
+                                              max_steps=400, save_steps=1))
+    proc = strop_process("train", cfg)
+    deadline = time.time() + 120
+    while not (out / "checkpoint-1").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run did not start"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    for _ in range(3):  # impatient presses while it saves and exits
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.2)
+    output = proc.communicate(timeout=120)[0]
+    assert "Traceback" not in output, output
+    assert proc.returncode in (0, 130), output
+    assert (out / "checkpoint-1").is_dir()
+
+
+def test_kill_9_at_random_moments_always_leaves_a_resumable_checkpoint(tiny_model_dir, alpaca,
+                                                                       tmp_path):
+    """Saves every step, killed at random points (often mid-save); each restart resumes."""
+    import random
+
+    from strop.train import checkpoint as ckpt
+
+    out = tmp_path / "run"
+    base = sft(tiny_model_dir("llama"), alpaca, out, max_steps=16, save_steps=1,
+               adapter="lora", lora_target_linear=True)
+    first = write_config(tmp_path / "first.yml", base)
+    again = write_config(tmp_path / "again.yml", {**base, "resume_from_checkpoint": "latest"})
+    rng = random.Random(1234)
+    for attempt in range(3):
+        proc = strop_process("train", again if ckpt.checkpoints(out) else first)
+        deadline = time.time() + 120
+        seen = len(ckpt.checkpoints(out))
+        while len(ckpt.checkpoints(out)) <= seen and proc.poll() is None:
+            assert time.time() < deadline, f"attempt {attempt}: no new checkpoint"
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.6))
+        proc.kill()
+        proc.wait()
+        found = ckpt.checkpoints(out)
+        assert found and ckpt.damage(found[-1], adapter=True) is None, attempt
+    proc = strop_process("train", again)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and "resuming from" in output, output
+    assert (out / "adapter_model.safetensors").is_file()

@@ -42,7 +42,14 @@ def config_from_source(source: str, trust_remote_code: bool = False,
         return gguf_config(source, revision)
     path = Path(source)
     if path.is_file():
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            data = None
+        if not isinstance(data, dict):
+            raise StropError(f"{source} is a file strop cannot use as a model: give a model "
+                             "directory (config.json + weights), a .gguf file, a config.json, or "
+                             "a hub id")
         return _from_dict(data, source)
     if path.is_dir():
         if not (path / "config.json").exists():

@@ -170,6 +170,11 @@ def setup(loaded: LoadedConfig, overwrite: bool = False) -> Run:
     eval_plan = BatchPlan(data.eval, cfg.effective_eval_batch_size, seed=cfg.seed, shuffle=False) \
         if data.eval is not None and len(data.eval) else None
     accum = cfg.gradient_accumulation_steps
+    if accum > len(train_plan):
+        print(f"warning: gradient_accumulation_steps {accum} is more than the {len(train_plan)} "
+              f"micro-batches of an epoch, so each optimizer step accumulates one epoch "
+              f"({len(train_plan)} micro-batches, not {accum}); set gradient_accumulation_steps: "
+              f"{len(train_plan)} or less, or add data", file=sys.stderr, flush=True)
     steps_per_epoch = max(math.ceil(len(train_plan) / accum), 1)
     total_steps = cfg.max_steps or max(math.ceil(cfg.num_epochs * steps_per_epoch), 1)
 
