@@ -285,3 +285,52 @@ def test_kill_9_at_random_moments_always_leaves_a_resumable_checkpoint(tiny_mode
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0 and "resuming from" in output, output
     assert (out / "adapter_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------ real small filesystems
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A tmpfs of a given size (and read-only if asked); skipped where mounting is not allowed."""
+    import subprocess
+
+    mounted = []
+
+    def make(size: str, read_only: bool = False):
+        point = tmp_path / f"fs{len(mounted)}"
+        point.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounted.append(point)
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(point)], check=True)
+        return point
+
+    yield make
+    for point in mounted:
+        subprocess.run(["umount", str(point)], capture_output=True)
+
+
+def test_a_really_full_disk_keeps_the_last_checkpoint(small_fs, tiny_model_dir, alpaca, tmp_path,
+                                                      cli):
+    out = small_fs("6m") / "run"
+    cfg = write_config(tmp_path / "c.yml", sft(tiny_model_dir("llama"), alpaca, out,
+                                              max_steps=20, save_steps=1))
+    result = cli("train", cfg)
+    assert result.code == 2 and one_line(result.err), result.err
+    assert "the disk is full" in result.err
+    found = sorted(p.name for p in out.glob("*checkpoint-*"))
+    assert found and all(not name.startswith(".tmp") for name in found), found
+    from strop.train import checkpoint as ckpt
+
+    assert ckpt.damage(out / found[-1], adapter=False) is None
+
+
+def test_a_read_only_output_dir_is_one_line(small_fs, tiny_model_dir, alpaca, tmp_path, cli):
+    out = small_fs("1m", read_only=True) / "run"
+    result = cli("train", write_config(tmp_path / "c.yml", sft(tiny_model_dir("llama"), alpaca,
+                                                              out)))
+    assert result.code == 2 and one_line(result.err), result.err
+    assert "read-only" in result.err

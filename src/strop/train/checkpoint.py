@@ -177,18 +177,26 @@ def save_checkpoint(output_dir: Path, model: nn.Module, tokenizer: Any, optimize
         if scaler is not None:
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
         (tmp / STATE_FILE).write_text(state.to_json())  # last: its presence marks completeness
-    except OSError as err:
+    except Exception as err:
         # The half-written directory goes (it would fill the disk further); earlier
-        # checkpoints are untouched, so the run can resume from the newest of them.
+        # checkpoints are untouched, so the run can resume from the newest of them. A full
+        # disk reaches here as OSError, or as RuntimeError from torch.save's zip writer.
+        free_then = shutil.disk_usage(output_dir).free if output_dir.exists() else 0
         shutil.rmtree(tmp, ignore_errors=True)
-        raise StropError(_save_failed(output_dir, model, optimizer, err)) from None
+        message = _save_failed(output_dir, model, optimizer, err, free_then)
+        if message is None:
+            raise
+        raise StropError(message) from None
     if final.exists():  # re-saving the same step (e.g. a stop right after a periodic save)
         shutil.rmtree(final)
     tmp.rename(final)
     return final
 
 
-def _save_failed(output_dir: Path, model: nn.Module, optimizer, err: OSError) -> str:
+def _save_failed(output_dir: Path, model: nn.Module, optimizer, err: Exception,
+                 free_then: int) -> str | None:
+    """The one-line message for a save that failed on the filesystem; None for anything else
+    (a bug, which keeps its traceback)."""
     import errno
 
     # What a checkpoint holds: the trained weights (the whole model, or the adapter) and the
@@ -200,7 +208,14 @@ def _save_failed(output_dir: Path, model: nn.Module, optimizer, err: OSError) ->
     free = shutil.disk_usage(output_dir).free if output_dir.exists() else 0
     last = checkpoints(output_dir)
     resume = f"; resume from {last[-1].name} with --resume_from_checkpoint latest" if last else ""
-    what = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+    # Judged by the space left when the write failed (the partial files still there).
+    full = getattr(err, "errno", None) == errno.ENOSPC or free_then < need
+    if full:
+        what = "the disk is full"
+    elif isinstance(err, OSError):
+        what = err.strerror or first_line(err, 120)
+    else:
+        return None
     return (f"saving a checkpoint in {output_dir} failed ({what}): a checkpoint needs about "
             f"{need / 2**20:,.0f} MiB and {free / 2**20:,.0f} MiB are free; "
             f"free some space or set save_total_limit{resume}")
