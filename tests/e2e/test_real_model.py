@@ -193,19 +193,13 @@ def test_export_to_gguf_matches_llama_cpp(sft_run, cli, tmp_path):
 
 def test_qlora_gradients_on_the_real_weights_match_a_dequantized_reference(smollm2_dir):
     from tests.unit.model.test_quantize import (
-        _evaluate,
         _four_bit_and_reference,
-        _lora_grads,
-        _worst_relative_error,
+        errors_across_train_eval_train,
     )
 
     qlora, reference = _four_bit_and_reference(smollm2_dir, "cpu", "float32")
     ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(1))
-    errors = []
-    for _ in range(3):  # train -> eval -> train -> eval -> train
-        errors.append(_worst_relative_error(_lora_grads(qlora, ids), _lora_grads(reference, ids)))
-        _evaluate(qlora, ids)
-        _evaluate(reference, ids)
+    errors = errors_across_train_eval_train(qlora, reference, ids)
     assert max(errors) < 0.02, errors
 
 
