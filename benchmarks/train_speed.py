@@ -8,8 +8,14 @@ so peak RSS is its own. Trained tokens/s = response tokens of the epoch / traini
 Eval loss is computed by one evaluator for all (token-weighted cross-entropy of the saved
 adapter on the same held-out rows), so it does not depend on how each tool averages.
 
+`--model smollm2` runs the same contenders on SmolLM2-135M-Instruct, a real pretrained model
+(strop.demo.smollm2): strop trains straight from its GGUF file (Q4_1, `base_model:` the .gguf),
+TRL from the same weights dequantized into a Hugging Face directory; the rows are shorter there
+(sequence_len 512) so one full run fits in about 10 minutes on a 2-core CPU.
+
     .venv/bin/python benchmarks/train_speed.py            # all contenders, then the table
     .venv/bin/python benchmarks/train_speed.py --rows 96  # a quicker run
+    .venv/bin/python benchmarks/train_speed.py --model smollm2
 """
 
 from __future__ import annotations
@@ -27,16 +33,30 @@ sys.path.insert(0, str(HERE))
 from common import build_model_dir, instruction_rows, peak_rss_bytes, write_jsonl  # noqa: E402
 
 LR = 2e-4
-SEQ = 1024
 MICRO, ACCUM = 4, 2
 LORA = dict(r=16, alpha=32)
+# Per model: default rows, held-out rows, sequence_len, longest row in words.
+MODELS = {"tiny": dict(rows=160, eval_rows=48, seq=1024, max_words=700),
+          "smollm2": dict(rows=48, eval_rows=24, seq=512, max_words=350)}
 
 
-def prepare(work: Path, rows: int) -> dict:
-    model_dir = build_model_dir(work / "model")
-    train = write_jsonl(instruction_rows(rows, seed=0), work / "train.jsonl")
-    evals = write_jsonl(instruction_rows(48, seed=1), work / "eval.jsonl")
-    return {"model": str(model_dir), "train": str(train), "eval": str(evals)}
+def prepare(work: Path, rows: int, model: str = "tiny") -> dict:
+    """Paths for the contenders: `model` is what strop's base_model is (the GGUF file for
+    smollm2), `hf_model` the Hugging Face directory TRL and the evaluator load (the same
+    weights)."""
+    spec = MODELS[model]
+    if model == "smollm2":
+        from strop.demo.smollm2 import gguf_path, hf_dir
+
+        model_path, hf_path = str(gguf_path()), str(hf_dir())
+    else:
+        model_path = hf_path = str(build_model_dir(work / "model"))
+    train = write_jsonl(instruction_rows(rows, seed=0, max_words=spec["max_words"]),
+                        work / "train.jsonl")
+    evals = write_jsonl(instruction_rows(spec["eval_rows"], seed=1,
+                                         max_words=spec["max_words"]), work / "eval.jsonl")
+    return {"model": model_path, "hf_model": hf_path, "train": str(train), "eval": str(evals),
+            "work": str(work), "seq": spec["seq"]}
 
 
 def strop_config(paths: dict, out: Path, bf16: bool = True, packing: bool = True,
@@ -47,7 +67,7 @@ def strop_config(paths: dict, out: Path, bf16: bool = True, packing: bool = True
         "base_model": paths["model"], "datasets": [{"path": paths["train"], "type": "alpaca"}],
         "test_datasets": [{"path": paths["eval"], "type": "alpaca"}],
         "adapter": "lora", "lora_r": LORA["r"], "lora_alpha": LORA["alpha"],
-        "lora_target_linear": True, "sequence_len": SEQ, "sample_packing": packing,
+        "lora_target_linear": True, "sequence_len": paths["seq"], "sample_packing": packing,
         "micro_batch_size": MICRO, "gradient_accumulation_steps": ACCUM, "num_epochs": 1,
         "learning_rate": LR, "lr_scheduler": "cosine", "optimizer": "adamw_torch_fused",
         "bf16": "auto" if bf16 else False, "output_dir": str(out), "logging_steps": 1,
@@ -62,7 +82,7 @@ def token_rows(paths: dict) -> tuple[list, list]:
     from strop.data import prepare_data
     from strop.model.tokenizer import load_tokenizer
 
-    loaded = strop_config(paths, Path(paths["model"]).parent / "rows", packing=False)
+    loaded = strop_config(paths, Path(paths["work"]) / "rows", packing=False)
     data = prepare_data(loaded.cfg, load_tokenizer(loaded.cfg))
     return [data.train[i] for i in range(len(data.train))], \
         [data.eval[i] for i in range(len(data.eval))]
@@ -83,16 +103,16 @@ def run_trl(paths: dict, out: Path, best: bool) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    tok = AutoTokenizer.from_pretrained(paths["model"])
+    tok = AutoTokenizer.from_pretrained(paths["hf_model"])
     train_rows, _ = token_rows(paths)
     # Pre-tokenized rows with their labels (-100 where not trained): TRL then trains on exactly
     # the tokens strop trains on (TRL 1.16 wants `labels` when it skips its own preparation).
     data = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]}
                               for r in train_rows])
-    model = AutoModelForCausalLM.from_pretrained(paths["model"])
+    model = AutoModelForCausalLM.from_pretrained(paths["hf_model"])
     args = SFTConfig(output_dir=str(out), per_device_train_batch_size=MICRO,
                      gradient_accumulation_steps=ACCUM, num_train_epochs=1, learning_rate=LR,
-                     lr_scheduler_type="cosine", max_length=SEQ, use_cpu=True,
+                     lr_scheduler_type="cosine", max_length=paths["seq"], use_cpu=True,
                      bf16=best, report_to="none", save_strategy="no", logging_steps=1,
                      completion_only_loss=True, seed=0, dataset_kwargs={"skip_prepare_dataset":
                                                                         True},
@@ -115,7 +135,8 @@ def eval_loss(paths: dict, adapter: str) -> float:
     from strop.train.loss import reference_loss_sum
 
     _, eval_rows = token_rows(paths)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(paths["model"]), adapter)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(paths["hf_model"]),
+                                      adapter)
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
@@ -156,17 +177,24 @@ def child(name: str, work: Path) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+WORK = Path("/tmp/strop-bench-train")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("/tmp/strop-bench-train"))
-    parser.add_argument("--rows", type=int, default=160)
+    parser.add_argument("--work", type=Path, default=WORK)
+    parser.add_argument("--model", choices=list(MODELS), default="tiny")
+    parser.add_argument("--rows", type=int, help="training rows (tiny: 160, smollm2: 48)")
     parser.add_argument("--only", nargs="*", default=list(CONTENDERS))
     parser.add_argument("--child", choices=list(CONTENDERS))
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.work)
+    if args.model != "tiny" and args.work == WORK:
+        args.work = WORK.with_name(f"{WORK.name}-{args.model}")
+    args.rows = args.rows or MODELS[args.model]["rows"]
     args.work.mkdir(parents=True, exist_ok=True)
-    paths = prepare(args.work, args.rows)
+    paths = prepare(args.work, args.rows, args.model)
     (args.work / "paths.json").write_text(json.dumps(paths))
     n_trained = trained_tokens(paths)
     results = {}
@@ -180,8 +208,9 @@ def main() -> None:
         results[name] = json.loads(line[7:])
         results[name]["eval_loss"] = eval_loss(paths, results[name]["adapter"])
         results[name]["tokens_per_s"] = n_trained / results[name]["train_seconds"]
-    print(f"\n{args.rows} rows, {n_trained} trained tokens per epoch, LoRA r{LORA['r']} all-linear, "
-          f"seq {SEQ}, micro-batch {MICRO} x accumulation {ACCUM}\n")
+    print(f"\n{args.model}: {args.rows} rows, {n_trained} trained tokens per epoch, LoRA "
+          f"r{LORA['r']} all-linear, seq {paths['seq']}, micro-batch {MICRO} x accumulation "
+          f"{ACCUM}\n")
     print(f"{'contender':<14}{'trained tok/s':>14}{'peak RSS MiB':>14}{'eval loss':>11}  malloc")
     for name, r in results.items():
         print(f"{name:<14}{r['tokens_per_s']:>14.0f}{r['peak_rss'] / 2**20:>14.0f}"
