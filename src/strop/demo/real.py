@@ -26,7 +26,7 @@ from typing import Any
 
 from strop.demo import smollm2
 from strop.demo.facts import FactsSpec, question, write_facts_data
-from strop.demo.run import MARKER, OUT, _train, stage_configs
+from strop.demo.run import MARKER, OUT, _train, mark_as_demos, stage_configs
 from strop.errors import StropError
 from strop.infer.metrics import contains, exact_match
 
@@ -94,8 +94,7 @@ def _claim(out: Path, console) -> None:
     if root.exists() and any(root.iterdir()) and not (root / MARKER).exists():
         raise StropError(f"{root}/ exists and was not written by strop demo; move it away or run "
                          "the demo from another directory")
-    root.mkdir(parents=True, exist_ok=True)
-    (root / MARKER).write_text("written by strop demo; the next demo replaces this directory\n")
+    mark_as_demos(root)
     if out.exists():
         console.print(f"[dim]replacing the previous real-model demo's files in {out}/[/dim]")
         shutil.rmtree(out)

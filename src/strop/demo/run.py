@@ -66,6 +66,11 @@ def _claim_output_dir(out: Path, console) -> None:
                              "run the demo from another directory")
         console.print(f"[dim]replacing the previous demo's files in {out}/[/dim]")
         shutil.rmtree(out)
+    mark_as_demos(out)
+
+
+def mark_as_demos(out: Path) -> None:
+    """Create demo-out/ with the marker that lets the next demo replace it."""
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by strop demo; the next demo replaces this directory\n")
 

@@ -47,8 +47,10 @@ def check_sequence_len(cfg: StropConfig, hf_config=None) -> None:
 def check_before_loading(cfg: StropConfig) -> None:
     """For `strop validate`: the check when the model's config can be read here; a model it
     cannot read yet (offline hub id) is checked again when training loads it."""
+    from strop.model.meta import resolve_model_config
+
     try:
-        check_sequence_len(cfg)
-    except StropError as err:
-        if "sequence_len" in str(err):
-            raise
+        hf_config = resolve_model_config(cfg)
+    except StropError:
+        return
+    check_sequence_len(cfg, hf_config)
