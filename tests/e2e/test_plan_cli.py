@@ -6,13 +6,27 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yml"))
 
 
+def _place_demo_model(path: Path, request, tmp_path, monkeypatch) -> None:
+    """An example whose base_model is the file `strop demo --real` links into demo-out/ is
+    planned as after the demo's setup: in a fresh directory where that link exists."""
+    base = yaml.safe_load(path.read_text()).get("base_model") or ""
+    if not base.startswith("demo-out/"):
+        return
+    gguf = request.getfixturevalue("smollm2_gguf")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / base).parent.mkdir(parents=True)
+    (tmp_path / base).symlink_to(gguf)
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_every_example_plans_offline(path, cli):
+def test_every_example_plans_offline(path, cli, request, tmp_path, monkeypatch):
+    _place_demo_model(path, request, tmp_path, monkeypatch)
     result = cli("plan", path, "--gpu", "H100", "--json")
     assert result.code == 0, result.err
     plan = json.loads(result.out)
@@ -20,6 +34,20 @@ def test_every_example_plans_offline(path, cli):
     assert plan["memory"]["total_bytes"] == pytest.approx(sum(plan["memory"]["items"].values()),
                                                           rel=1e-3)
     assert "tokens_per_epoch" in plan["compute"] and "flops_total" in plan["compute"]
+
+
+def test_a_missing_local_gguf_says_so_not_only_that_the_hub_failed(cli, write_yaml, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = write_yaml("""
+base_model: demo-out/smollm2/Model.Q4_1.gguf
+datasets: [{path: d.jsonl, type: alpaca}]
+learning_rate: 2.0e-4
+""")
+    result = cli("plan", cfg)
+    assert result.code == 2
+    assert "demo-out/smollm2/Model.Q4_1.gguf is no local file" in result.err
+    assert "give the local path of an existing .gguf file" in result.err
 
 
 def test_mistral_qlora_text_report(cli):
@@ -110,6 +138,7 @@ def test_unresolvable_base_model_names_it_and_suggests_a_local_path(cli, write_y
     cfg = write_yaml("""
 base_model: nobody/unknown-model-7b
 datasets: [{path: d.jsonl, type: alpaca}]
+learning_rate: 2.0e-4
 learning_rate: 2e-5
 """)
     result = cli("plan", cfg, "--gpu", "H100")

@@ -72,9 +72,10 @@ def locate(source: str, revision: str | None = None) -> Path:
     try:
         return Path(hf_hub_download(repo, filename, revision=revision))
     except Exception as err:  # the hub client raises many kinds; all mean "not available"
-        raise StropError(f"base_model: cannot fetch {filename} from the hub repository {repo} "
-                         f"({first_line(err, 160)}); offline, download the .gguf file and give "
-                         "its local path") from None
+        raise StropError(f"base_model: {source} is no local file, and as a hub path "
+                         f"(owner/repo/file.gguf) {filename} cannot be fetched from {repo} "
+                         f"({first_line(err, 160)}); give the local path of an existing .gguf "
+                         "file") from None
 
 
 def _check_magic(path: Path) -> None:

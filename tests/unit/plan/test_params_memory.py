@@ -38,7 +38,8 @@ def test_every_shipped_base_model_is_in_the_offline_table():
     for path in paths:
         data = yaml.safe_load(path.read_text())
         for key in ("base_model", "base_model_config"):
-            if data.get(key):
+            if data.get(key) and not data[key].startswith("demo-out/"):
+                # a demo-out/ path is a local file `strop demo --real` puts there, no hub id
                 assert data[key].lower() in known_configs(), f"{path.name}: {data[key]}"
 
 
