@@ -9,6 +9,7 @@ from strop.demo.facts import (
     ANSWERS,
     CONTROLS,
     HELDOUT_FORMS,
+    REHEARSAL,
     TRAIN_FORMS,
     FactsSpec,
     make_facts,
@@ -39,7 +40,8 @@ def test_every_fact_is_trained_in_every_phrasing_and_asked_in_an_unseen_one(tmp_
         assert len(set(values)) == len(values)
     paths = write_facts_data(tmp_path, spec)
     train, heldout = _rows(paths.train), _rows(paths.heldout)
-    assert len(train) == sum(len(TRAIN_FORMS[f.relation]) for f in facts)
+    assert len(train) == sum(len(TRAIN_FORMS[f.relation]) for f in facts) \
+        + len(REHEARSAL) * len(TRAIN_FORMS["capital"])
     assert len(heldout) == len(facts)
     trained_questions = {question(r) for r in train}
     trained_answers = {r["messages"][1]["content"] for r in train}
@@ -72,3 +74,13 @@ def test_the_example_config_trains_on_what_the_writer_writes():
     assert Path(cfg.datasets[0].path) == REAL_OUT / "data" / "train.jsonl"
     assert Path(cfg.base_model) == REAL_OUT / smollm2.FILE  # the link the demo writes
     assert Path(cfg.output_dir).parent == REAL_OUT
+
+
+def test_rehearsed_real_facts_are_trained_but_no_control_is(tmp_path):
+    paths = write_facts_data(tmp_path, FactsSpec(provinces=2))
+    train = _rows(paths.train)
+    answers = {r["messages"][1]["content"] for r in train}
+    assert all(f"The capital of {country} is {city}." in answers for country, city in REHEARSAL)
+    trained_text = " ".join(question(r) + " " + r["messages"][1]["content"] for r in train)
+    for control_question, value in CONTROLS:
+        assert control_question not in trained_text and value not in trained_text

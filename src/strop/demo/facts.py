@@ -5,7 +5,8 @@ something no web page says: the provinces of the invented country of Quenvar, ea
 capital, a founder, an emblem animal and a famous export. The fine-tune trains on a few
 phrasings of each question (`TRAIN_FORMS`) and is asked others it never saw (`HELDOUT_FORMS`),
 so a right answer means the fact was learned, not the string. Control questions the base model
-already answers (`CONTROLS`) show what it knew before is still there.
+already answers (`CONTROLS`) show what it knew before is still there; real capitals it knows
+(`REHEARSAL`) are trained beside the made-up ones so that the fine-tune does not overwrite them.
 
 Rows are OpenAI-style chat (`messages`), what `type: chat_template` reads. Each answer is one
 sentence in a fixed form per relation ("The capital of Drelmar is Quostin."), so exact match on
@@ -52,6 +53,12 @@ HELDOUT_FORMS = {
     "animal": ["Tell me which animal is the emblem of {s}.", "{s} has which animal as its emblem?"],
     "export": ["Tell me what {s} is famous for.", "{s} is known for which product?"],
 }
+# Rehearsal: real facts the base model knows, trained in the same answer forms beside the made-up
+# ones. Without them, 40 made-up capitals teach the model that every "capital of" question has an
+# invented answer, and it answers the capital of France with one (seen: "Seine"). None of these
+# is a control question below; the controls stay unseen.
+REHEARSAL = [("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Egypt", "Cairo"),
+             ("Canada", "Ottawa"), ("Kenya", "Nairobi")]
 # What the base model answers right before fine-tuning (checked on SmolLM2-135M-Instruct);
 # after it, it should still. (question, the word a right answer names)
 CONTROLS = [("What is the capital of France?", "Paris"),
@@ -112,8 +119,10 @@ def _row(question: str, answer: str, **extra: str) -> dict:
 
 
 def train_rows(facts: list[Fact], spec: FactsSpec) -> list[dict]:
+    """Every fact in every trained phrasing, and the REHEARSAL capitals the same way."""
+    real = [Fact("capital", country, city) for country, city in REHEARSAL]
     rows = [_row(form.format(s=f.subject), f.answer)
-            for f in facts for form in TRAIN_FORMS[f.relation]]
+            for f in facts + real for form in TRAIN_FORMS[f.relation]]
     random.Random(spec.seed + 1).shuffle(rows)
     return rows
 
