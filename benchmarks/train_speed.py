@@ -37,7 +37,7 @@ MICRO, ACCUM = 4, 2
 LORA = dict(r=16, alpha=32)
 # Per model: default rows, held-out rows, sequence_len, longest row in words.
 MODELS = {"tiny": dict(rows=160, eval_rows=48, seq=1024, max_words=700),
-          "smollm2": dict(rows=48, eval_rows=24, seq=512, max_words=350)}
+          "smollm2": dict(rows=32, eval_rows=16, seq=512, max_words=350)}
 
 
 def prepare(work: Path, rows: int, model: str = "tiny") -> dict:
@@ -184,7 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=WORK)
     parser.add_argument("--model", choices=list(MODELS), default="tiny")
-    parser.add_argument("--rows", type=int, help="training rows (tiny: 160, smollm2: 48)")
+    parser.add_argument("--rows", type=int, help="training rows (tiny: 160, smollm2: 32)")
     parser.add_argument("--only", nargs="*", default=list(CONTENDERS))
     parser.add_argument("--child", choices=list(CONTENDERS))
     args = parser.parse_args()
