@@ -20,7 +20,6 @@ AXOLOTL_CURRENT = ["mistral_qlora", "llama_3_lora_1b", "llama_3_qlora_1b", "llam
 # Configs that ask for what strop does not do (yet): each fails with a named, clear reason.
 AXOLOTL_REFUSED = {
     "llama_2_fft_optimized": ["flash_attn_rms_norm", "flash_attn_fuse_mlp"],
-    "qwen2_qlora_fsdp": ["fsdp", "fsdp_config"],
     "mistral_qlora_old": ["eval_table_size", "eval_table_max_new_tokens"],
     "llama_2_lora_old": ["eval_table_max_new_tokens"],
     "llama_2_qlora_old": ["max_packed_sequence_len", "xformers_attention"],
@@ -59,9 +58,21 @@ def test_axolotl_configs_strop_cannot_honour_say_which_keys(name, keys):
         assert f"{key} is an axolotl key that strop does not support yet" in text
 
 
+def test_an_axolotl_fsdp1_config_is_told_what_fsdp2_needs_in_one_pass():
+    with pytest.raises(ConfigError) as info:
+        load_config(AXOLOTL / "qwen2_qlora_fsdp.yml")
+    text = "\n".join(info.value.problems)
+    assert "fsdp is an axolotl key that strop does not support yet" in text
+    assert "for FSDP2 set fsdp_version: 2" in text
+    assert "fsdp_config is set but fsdp_version is not" in text
+    for key in ("sharding_strategy", "limit_all_gathers", "sync_module_states", "use_orig_params"):
+        assert f"fsdp_config.{key} is an FSDP1 option" in text
+    assert len(info.value.problems) == 6, text
+
+
 def test_every_axolotl_fixture_is_classified():
     names = {p.stem for p in AXOLOTL.glob("*.yml")}
-    assert names == set(AXOLOTL_CURRENT) | set(AXOLOTL_REFUSED)
+    assert names == set(AXOLOTL_CURRENT) | set(AXOLOTL_REFUSED) | {"qwen2_qlora_fsdp"}
 
 
 def test_docs_config_md_is_generated_from_the_schema():

@@ -40,10 +40,9 @@ INFORMATIONAL = {
 
 # Hints for axolotl keys people set that strop does not honour (yet).
 HINTS = {
-    "fsdp": "multi-GPU training will come through torchrun; remove fsdp/fsdp_config to train on "
-            "one device",
-    "fsdp_config": "multi-GPU training will come through torchrun; remove fsdp/fsdp_config to "
-                   "train on one device",
+    "fsdp": "axolotl's FSDP1 list; for FSDP2 set fsdp_version: 2 (and fsdp_config:), and "
+            "launch with torchrun or strop train --nproc N",
+    "ddp": "torchrun (or strop train --nproc N) starts DDP by itself; remove ddp",
     "deepspeed": "strop does not use DeepSpeed; remove it to train on one device",
     "max_packed_sequence_len": "removed from axolotl too; use sample_packing: true with sequence_len",
     "xformers_attention": "use attn_implementation: sdpa (or flash_attention_2)",

@@ -205,7 +205,32 @@ def _precision(cfg: StropConfig) -> list[Violation]:
     return out
 
 
-RULES = (_model, _quantization, _adapter, _schedule, _eval_and_save, _precision)
+def _distributed(cfg: StropConfig) -> list[Violation]:
+    out = []
+    if cfg.fsdp_version == 1:
+        out.append(Violation(("fsdp_version",), "fsdp_version: 1 (FSDP1) is not supported; strop "
+                             "shards with FSDP2 (fully_shard): set fsdp_version: 2"))
+    nested = cfg.fsdp_config.version if cfg.fsdp_config else None
+    if cfg.fsdp_config is not None and cfg.fsdp_version is None and nested is None:
+        out.append(Violation(("fsdp_config",), "fsdp_config is set but fsdp_version is not; add "
+                             "fsdp_version: 2 to shard with FSDP2, or remove fsdp_config for DDP"))
+    fsdp1 = {"sharding_strategy": "FULL_SHARD is reshard_after_forward: true, SHARD_GRAD_OP is "
+                                  "reshard_after_forward: false",
+             "limit_all_gathers": "FSDP2 limits its all-gathers itself",
+             "sync_module_states": "cpu_ram_efficient_loading: true is FSDP2's way to load on "
+                                   "rank 0 only",
+             "use_orig_params": "FSDP2 always keeps the original parameters"}
+    for key, fix in fsdp1.items():
+        if cfg.fsdp_config is not None and getattr(cfg.fsdp_config, key) is not None:
+            out.append(Violation(("fsdp_config",), f"fsdp_config.{key} is an FSDP1 option and "
+                                 f"strop shards with FSDP2 ({fix}); remove it"))
+    if cfg.fsdp is not None and cfg.ddp_find_unused_parameters:
+        out.append(Violation(("ddp_find_unused_parameters",), "ddp_find_unused_parameters is a "
+                             "DDP option and this config shards with FSDP2; remove it"))
+    return out
+
+
+RULES = (_model, _quantization, _adapter, _schedule, _eval_and_save, _precision, _distributed)
 
 
 def check_rules(cfg: StropConfig) -> None:

@@ -43,6 +43,7 @@ GROUPS = {
     "eval": "Evaluation and early stopping",
     "save": "Checkpoints and output",
     "logging": "Logging",
+    "distributed": "Multi-process training (torchrun: DDP, FSDP2)",
     "compat": "axolotl compatibility",
 }
 
@@ -111,6 +112,49 @@ class BnbConfigKwargs(_Strict):
 
 class GradientCheckpointingKwargs(_Strict):
     use_reentrant: bool = Field(False, description="Reentrant checkpointing (strop default: false)")
+
+
+class FsdpConfig(_Strict):
+    """axolotl's fsdp_config for FSDP2 (fully_shard); the older fsdp_-prefixed spellings too."""
+
+    reshard_after_forward: bool = Field(
+        True, alias="fsdp_reshard_after_forward",
+        description="Free each layer's gathered weights after its forward (ZeRO-3) instead of "
+                    "keeping them for backward (ZeRO-2: faster, more memory)")
+    offload_params: bool = Field(
+        False, alias="fsdp_offload_params",
+        description="Keep the sharded parameters, gradients and optimizer states in CPU memory")
+    cpu_ram_efficient_loading: bool = Field(
+        False, alias="fsdp_cpu_ram_efficient_loading",
+        description="Only rank 0 reads the weights; the others get theirs from it")
+    state_dict_type: Literal["FULL_STATE_DICT", "SHARDED_STATE_DICT"] = Field(
+        "FULL_STATE_DICT", alias="fsdp_state_dict_type",
+        description="Checkpoints as one ordinary file set gathered on rank 0 (FULL_STATE_DICT) or "
+                    "one shard per rank with torch.distributed.checkpoint (SHARDED_STATE_DICT); "
+                    "either resumes on any number of processes")
+    auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP"] = Field(
+        "TRANSFORMER_BASED_WRAP", alias="fsdp_auto_wrap_policy",
+        description="Shard by decoder layer (the only policy strop uses)")
+    transformer_layer_cls_to_wrap: str | None = Field(
+        None, alias="fsdp_transformer_layer_cls_to_wrap",
+        description="The decoder layer class to shard by, e.g. LlamaDecoderLayer (default: the "
+                    "model's own _no_split_modules)")
+    activation_checkpointing: bool | None = Field(
+        None, alias="fsdp_activation_checkpointing",
+        description="axolotl's spelling of gradient_checkpointing under FSDP")
+    version: Literal[2] | None = Field(None, alias="fsdp_version",
+                                       description="axolotl's place for fsdp_version")
+    # FSDP1's knobs, in axolotl configs written for it: FSDP2 has no such setting, so each is
+    # refused by name (config/rules.py) rather than dropped.
+    sharding_strategy: str | None = Field(
+        None, alias="fsdp_sharding_strategy",
+        description="FSDP1: FULL_SHARD is reshard_after_forward: true, SHARD_GRAD_OP false")
+    limit_all_gathers: bool | None = Field(None, alias="fsdp_limit_all_gathers",
+                                           description="FSDP1 only")
+    sync_module_states: bool | None = Field(None, alias="fsdp_sync_module_states",
+                                            description="FSDP1 only")
+    use_orig_params: bool | None = Field(None, alias="fsdp_use_orig_params",
+                                         description="FSDP1 only")
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -351,6 +395,27 @@ class StropConfig(_Strict):
     wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
         None, **doc("online, offline (no network needed) or disabled", "logging"))
 
+    # ---------------------------------------------------------------- distributed
+    fsdp_version: Literal[1, 2] | None = Field(
+        None, **doc("2: shard parameters, gradients and optimizer states across the processes "
+                    "with FSDP2 (fully_shard). Without it a multi-process run is DDP. 1 (FSDP1) "
+                    "is not supported", "distributed"))
+    fsdp_config: FsdpConfig | None = Field(
+        None, **doc("FSDP2 options: reshard_after_forward, offload_params, "
+                    "cpu_ram_efficient_loading, state_dict_type, transformer_layer_cls_to_wrap",
+                    "distributed"))
+    ddp_find_unused_parameters: bool | None = Field(
+        None, **doc("DDP: look for parameters that get no gradient each step (slower; needed "
+                    "only when some trainable parameter is skipped by the forward)", "distributed"))
+    ddp_bucket_cap_mb: PositiveInt | None = Field(
+        None, **doc("DDP: gradient all-reduce bucket size in MiB (torch default 25)", "distributed"))
+    ddp_broadcast_buffers: bool | None = Field(
+        None, **doc("DDP: broadcast module buffers from rank 0 every forward (default: off, the "
+                    "buffers of a language model are constant)", "distributed"))
+    ddp_timeout: PositiveInt = Field(
+        1800, **doc("Seconds a collective may wait for the other processes before the run stops "
+                    "with the rank that did not answer", "distributed"))
+
     # ---------------------------------------------------------------- compatibility
     strict: bool | None = Field(
         None, **doc("axolotl's strict flag; strop always rejects unknown keys", "compat"))
@@ -408,6 +473,13 @@ class StropConfig(_Strict):
         if self.eager_attention:
             return "eager"
         return "sdpa"
+
+    @property
+    def fsdp(self) -> FsdpConfig | None:
+        """FSDP2's options when the config asks for FSDP2, else None (DDP or one process)."""
+        if self.fsdp_version == 2 or (self.fsdp_config and self.fsdp_config.version == 2):
+            return self.fsdp_config or FsdpConfig()
+        return None
 
     @property
     def compile_model(self) -> bool:
