@@ -156,24 +156,42 @@ def load_state(path: Path) -> Any:
                          "checkpoint-N or start again") from None
 
 
-def save_model_files(model: nn.Module, tokenizer: Any, directory: Path, config_text: str) -> None:
-    """The model as Hugging Face / PEFT files, the tokenizer and the resolved config."""
-    model.save_pretrained(directory, safe_serialization=True)
+def save_model_files(model: nn.Module, tokenizer: Any, directory: Path, config_text: str,
+                     weights: dict[str, torch.Tensor] | None = None) -> None:
+    """The model as Hugging Face / PEFT files, the tokenizer and the resolved config.
+    `weights`: the model's whole state dict when the model's own tensors are shards (FSDP2)."""
+    if weights is None:
+        model.save_pretrained(directory, safe_serialization=True)
+    else:
+        model.save_pretrained(directory, state_dict=weights, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     (directory / CONFIG_FILE).write_text(config_text)
 
 
+def rng_file(rank: int) -> str:
+    """Rank 0's RNG states are rng.pt, as one process writes them; rank r's rng-rank{r}.pt."""
+    return "rng.pt" if rank == 0 else f"rng-rank{rank}.pt"
+
+
 def save_checkpoint(output_dir: Path, model: nn.Module, tokenizer: Any, optimizer, scheduler,
-                    state: TrainerState, config_text: str, scaler=None) -> Path:
+                    state: TrainerState, config_text: str, scaler=None, *,
+                    weights: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: dict[str, Any] | None = None,
+                    rng_states: list[dict[str, Any]] | None = None) -> Path:
+    """A checkpoint, written to a temporary directory and renamed when whole. Under several
+    processes rank 0 writes it, from the gathered `weights` / `optimizer_state` (FSDP2) and
+    every rank's `rng_states`."""
     final = output_dir / f"checkpoint-{state.step}"
     tmp = output_dir / f".tmp-checkpoint-{state.step}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        save_model_files(model, tokenizer, tmp, config_text)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_model_files(model, tokenizer, tmp, config_text, weights)
+        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+                   tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        for rank, rng in enumerate(rng_states or [rng_state()]):
+            torch.save(rng, tmp / rng_file(rank))
         if scaler is not None:
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
         (tmp / STATE_FILE).write_text(state.to_json())  # last: its presence marks completeness
@@ -270,15 +288,68 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, ada
     """Weights, optimizer, scheduler and trainer state; the RNG state is restored separately
     (`restore_rng`), as the very last step of setup, so nothing drawn after it shifts dropout."""
     load_weights(model, directory, adapter)
-    optimizer.load_state_dict(load_state(directory / "optimizer.pt"))
+    load_optimizer(directory, optimizer)
+    return load_schedule(directory, scheduler, scaler)
+
+
+def load_optimizer(directory: Path, optimizer, module: nn.Module | None = None) -> None:
+    """The optimizer's state; `module` (the FSDP2-sharded model) when each rank holds a shard
+    of it: the saved whole state is then cut to this rank's shards."""
+    saved = load_state(directory / "optimizer.pt")
+    if module is None:
+        optimizer.load_state_dict(saved)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(module, optimizer, by_name(saved, optimizer, module),
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def load_schedule(directory: Path, scheduler, scaler=None) -> TrainerState:
     scheduler.load_state_dict(load_state(directory / "scheduler.pt"))
     if scaler is not None and (directory / "scaler.pt").exists():
         scaler.load_state_dict(load_state(directory / "scaler.pt"))
     return TrainerState.from_file(directory / STATE_FILE)
 
 
-def restore_rng(directory: Path) -> None:
-    set_rng_state(load_state(directory / "rng.pt"))
+def restore_rng(directory: Path, rank: int = 0) -> bool:
+    """This rank's RNG states from the checkpoint; False when it has none for this rank (it was
+    written by fewer processes)."""
+    path = directory / rng_file(rank)
+    if not path.exists() and rank > 0:
+        return False
+    set_rng_state(load_state(path))
+    return True
+
+
+def parameter_names(optimizer, module: nn.Module) -> list[str]:
+    """The names of the optimizer's parameters, in its order, as torch.distributed.checkpoint
+    names them (wrappers' prefixes dropped)."""
+    names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+    cleaned = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = names[id(p)]
+            for wrapper in ("_orig_mod.", "module.", "_checkpoint_wrapped_module."):
+                name = name.replace(wrapper, "")
+            cleaned.append(name)
+    return cleaned
+
+
+def by_index(named: dict[str, Any], optimizer, module: nn.Module) -> dict[str, Any]:
+    """An optimizer state keyed by parameter name (torch.distributed.checkpoint's) as one
+    process's optimizer.state_dict() keys it: by the parameter's place in the optimizer."""
+    index = {n: i for i, n in enumerate(parameter_names(optimizer, module))}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]]
+    return {"state": {index[n]: v for n, v in named["state"].items()}, "param_groups": groups}
+
+
+def by_name(indexed: dict[str, Any], optimizer, module: nn.Module) -> dict[str, Any]:
+    """The inverse of by_index."""
+    names = parameter_names(optimizer, module)
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in indexed["param_groups"]]
+    return {"state": {names[int(i)]: v for i, v in indexed["state"].items()},
+            "param_groups": groups}
 
 
 def prune(output_dir: Path, limit: int | None, keep: set[str]) -> list[Path]:

@@ -125,3 +125,22 @@ class MetricsLog:
         if self._wandb is not None:
             self._wandb.finish()
         self.file.close()
+
+
+class QuietLog:
+    """The log of a rank other than 0 under several processes: rank 0 logs for the run."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def show(self, step: int, shown: dict[str, Any]) -> None:
+        pass
+
+    def advance(self, step: int) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

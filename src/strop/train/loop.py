@@ -27,8 +27,10 @@ from strop.config.schema import StropConfig
 from strop.data.batches import batch_generator
 from strop.errors import StropError
 from strop.train import checkpoint as ckpt
+from strop.train import distributed
+from strop.train.distributed import SINGLE, World
 from strop.train.forward import LossModel, unwrap
-from strop.train.log import MetricsLog, peak_memory_bytes
+from strop.train.log import MetricsLog, QuietLog, peak_memory_bytes
 from strop.train.loss import count_trained_tokens
 from strop.train.optim import build_optimizer
 from strop.train.precision import Precision, resolve_precision
@@ -64,6 +66,10 @@ class Run:
     resumed_from: Path | None
     trainable_params: int
     total_params: int
+    world: World = SINGLE
+    # What forward and backward run through: the loss as a module, inside DDP or FSDP2 when
+    # several processes train (strop.train.distributed).
+    step_module: nn.Module | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -129,7 +135,7 @@ def _every(steps_per_epoch: int, steps: int | None, per_epoch: int | None) -> in
     return None
 
 
-def setup(loaded: LoadedConfig, overwrite: bool = False) -> Run:
+def setup(loaded: LoadedConfig, overwrite: bool = False, world: World = SINGLE) -> Run:
     from transformers import set_seed
 
     from strop.config.show import render_resolved
@@ -141,14 +147,16 @@ def setup(loaded: LoadedConfig, overwrite: bool = False) -> Run:
 
     cfg = loaded.cfg
     out = Path(cfg.output_dir)
-    resume_dir = _prepare_output_dir(cfg, out, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    set_seed(cfg.seed)
+    # Rank 0 alone touches output_dir; every rank resumes from the checkpoint it chose.
+    resume_dir = distributed.on_main(world, lambda: _prepare_output_dir(cfg, out, overwrite))
+    set_seed(cfg.seed)  # the same on every rank: the same initial weights and adapter
     precision = resolve_precision(cfg)
 
     # A tokenizer trained for a from-scratch run is saved in output_dir and reused on resume.
-    tokenizer = load_tokenizer(cfg)
-    data = prepare_data(cfg, tokenizer)
+    # Rank 0 first: it trains that tokenizer and fills the prepared-data cache the others read.
+    with distributed.main_first(world):
+        tokenizer = load_tokenizer(cfg)
+        data = prepare_data(cfg, tokenizer)
     weights_dtype = precision.frozen_weights if cfg.uses_lora else torch.float32
     model = load_model(cfg, tokenizer, precision.device, weights_dtype)
     if cfg.uses_lora:
@@ -164,18 +172,28 @@ def setup(loaded: LoadedConfig, overwrite: bool = False) -> Run:
     loss_model = LossModel.of(model, cfg.objective)
     if cfg.compile_model:
         loss_model = _compiled(loss_model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    if resume_dir is not None and world.strategy == "fsdp":
+        ckpt.load_weights(model, resume_dir, cfg.uses_lora)  # whole tensors, then sharded
+    step_module = distributed.wrap(loss_model, cfg, world, precision.device)
+    if world.rank:
+        torch.manual_seed(cfg.seed + world.rank)  # each rank its own dropout
 
     train_plan = BatchPlan(data.train, cfg.micro_batch_size, seed=cfg.seed, shuffle=True,
                            group_by_length=cfg.group_by_length)
     eval_plan = BatchPlan(data.eval, cfg.effective_eval_batch_size, seed=cfg.seed, shuffle=False) \
         if data.eval is not None and len(data.eval) else None
     accum = cfg.gradient_accumulation_steps
-    if accum > len(train_plan):
-        print(f"warning: gradient_accumulation_steps {accum} is more than the {len(train_plan)} "
-              f"micro-batches of an epoch, so each optimizer step accumulates one epoch "
-              f"({len(train_plan)} micro-batches, not {accum}); set gradient_accumulation_steps: "
-              f"{len(train_plan)} or less, or add data", file=sys.stderr, flush=True)
-    steps_per_epoch = max(math.ceil(len(train_plan) / accum), 1)
+    per_step = accum * world.size  # micro-batches of one optimizer step, over all ranks
+    if per_step > len(train_plan) and world.main:
+        across = f" x {world.size} processes" if world.many else ""
+        print(f"warning: gradient_accumulation_steps {accum}{across} is more than the "
+              f"{len(train_plan)} micro-batches of an epoch, so each optimizer step accumulates "
+              f"one epoch ({len(train_plan)} micro-batches, not {per_step}); set "
+              f"gradient_accumulation_steps: {max(len(train_plan) // world.size, 1)} or less, or "
+              "add data", file=sys.stderr, flush=True)
+    steps_per_epoch = max(math.ceil(len(train_plan) / per_step), 1)
     total_steps = cfg.max_steps or max(math.ceil(cfg.num_epochs * steps_per_epoch), 1)
 
     optimizer = build_optimizer(model, cfg, precision.device)
@@ -186,12 +204,14 @@ def setup(loaded: LoadedConfig, overwrite: bool = False) -> Run:
     scaler = torch.amp.GradScaler(precision.device) if precision.scaler else None
 
     state = ckpt.TrainerState()
-    if resume_dir is not None:
+    if resume_dir is not None and world.strategy == "fsdp":
+        ckpt.load_optimizer(resume_dir, optimizer, step_module)
+        state = ckpt.load_schedule(resume_dir, scheduler, scaler)
+    elif resume_dir is not None:
         state = ckpt.load_checkpoint(resume_dir, model, optimizer, scheduler, cfg.uses_lora, scaler)
+    if resume_dir is not None:
         print(f"resuming from {resume_dir} at step {state.step}", flush=True)
 
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
     hf = unwrap(model)
     # Attention FLOPs follow the documents' real lengths, not sequence_len: short rows (or
     # packed documents, which attend only within themselves) would otherwise inflate the MFU.
@@ -208,11 +228,13 @@ def setup(loaded: LoadedConfig, overwrite: bool = False) -> Run:
                save_every=_every(steps_per_epoch, cfg.save_steps, cfg.saves_per_epoch),
                log_every=cfg.logging_steps or max(total_steps // 100, 1),
                flops_per_token=flops, peak_flops=_peak_flops(precision), state=state,
-               resumed_from=resume_dir, trainable_params=trainable, total_params=total)
+               resumed_from=resume_dir, trainable_params=trainable, total_params=total,
+               world=world, step_module=step_module)
     if resume_dir is not None:
         # Last: anything above may draw random numbers (adapter init, a matmul benchmark);
-        # the next step must see exactly the generators the interrupted run had.
-        ckpt.restore_rng(resume_dir)
+        # the next step must see exactly the generators the interrupted run had. A rank the
+        # checkpoint's run did not have keeps the seed it was given above.
+        ckpt.restore_rng(resume_dir, world.rank)
     return run
 
 
@@ -252,14 +274,20 @@ def evaluate(run: Run) -> dict[str, float]:
     model = run.model
     model.eval()
     total, count = 0.0, 0
+    batches = list(enumerate(run.eval_plan.epoch(0)))
     with torch.no_grad(), run.precision.autocast():
-        for index, indices in enumerate(run.eval_plan.epoch(0)):
+        for item in distributed.share(run.world, batches):
+            index, indices = item if item is not None else batches[0]
             rows = _rows(run.data.eval, indices)
             batch = _to_device(run.collate(rows, generator=batch_generator(run.cfg.seed, EVAL_STREAM, index)),
                                run.precision.device)
-            loss_sum, n = run.loss_model.loss_sum(batch)
+            if item is None:  # this rank's share is short: a pass that counts nothing
+                batch["labels"].fill_(-100)
+            loss_sum, n = run.step_module(batch)
             total += float(loss_sum.detach())
             count += n
+    total, count = distributed.all_sum(run.world, total, count)
+    count = int(count)
     model.train()
     loss = total / max(count, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
@@ -277,28 +305,42 @@ def _train_step(run: Run, window: list[tuple[int, Any]]) -> tuple[float, float, 
     """
     device = run.precision.device
     epoch = run.state.epoch
-    rows = [_rows(run.data.train, ix) for _, ix in window]
-    tokens = sum(len(r["input_ids"]) for group in rows for r in group)  # padding excluded
+    world = run.world
+    # This rank's share of the window; None pads a short share (distributed.share).
+    mine = distributed.share(world, window)
+    rows = [_rows(run.data.train, ix) for _, ix in (item or window[0] for item in mine)]
+    tokens = sum(len(r["input_ids"]) for group, item in zip(rows, mine, strict=True) if item
+                 for r in group)  # padding excluded
     # Random choices in collation (masked LM) come from a generator seeded by the batch's
     # place, so a resumed run makes the same ones.
-    batches = [_to_device(run.collate(group, generator=batch_generator(run.cfg.seed, epoch, i)),
-                          device) for (i, _), group in zip(window, rows, strict=True)]
-    # Normalise by every trained token of the window, not per micro-batch: the same loss and
-    # gradients whatever the micro_batch_size x gradient_accumulation_steps split.
-    n_window = sum(count_trained_tokens(b["labels"], run.loss_model.shift) for b in batches)
+    batches = []
+    for item, group in zip(mine, rows, strict=True):
+        index = (item or window[0])[0]
+        batch = _to_device(run.collate(group, generator=batch_generator(run.cfg.seed, epoch,
+                                                                         index)), device)
+        if item is None:
+            batch["labels"].fill_(-100)  # a pass that trains nothing, to keep ranks in step
+        batches.append(batch)
+    # Normalise by every trained token of the window (of all ranks), not per micro-batch: the
+    # same loss and gradients whatever the micro_batch_size x gradient_accumulation_steps x
+    # processes split. DDP and FSDP2 average gradients over ranks, hence the world size.
+    local = sum(count_trained_tokens(b["labels"], run.loss_model.shift) for b in batches)
+    n_window, tokens = (int(x) for x in distributed.all_sum(world, local, tokens))
     total = 0.0
-    for batch in batches:
-        with run.precision.autocast():
-            loss_sum, _ = run.loss_model.loss_sum(batch)
-        loss = loss_sum / max(n_window, 1)
-        (run.scaler.scale(loss) if run.scaler else loss).backward()
+    for i, batch in enumerate(batches):
+        with distributed.accumulating(run.step_module, world, last=i == len(batches) - 1):
+            with run.precision.autocast():
+                loss_sum, _ = run.step_module(batch)
+            loss = loss_sum * (world.size / max(n_window, 1))
+            (run.scaler.scale(loss) if run.scaler else loss).backward()
         total += float(loss_sum.detach())
+    total = distributed.all_sum(world, total)[0]
     loss_value = total / max(n_window, 1)
     params = [p for p in run.model.parameters() if p.requires_grad]
     if run.scaler:
         run.scaler.unscale_(run.optimizer)
     clip = run.cfg.max_grad_norm or float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    grad_norm = distributed.full_norm(torch.nn.utils.clip_grad_norm_(params, clip))
     if math.isfinite(loss_value) and math.isfinite(grad_norm):
         if run.scaler:
             run.scaler.step(run.optimizer)
@@ -316,8 +358,8 @@ def _windows(run: Run, epoch: int) -> list[list[tuple[int, Any]]]:
     """The epoch's micro-batches (index, row indices) grouped into optimizer steps; the last
     step of an epoch may have fewer micro-batches."""
     batches = list(enumerate(run.train_plan.epoch(epoch)))
-    accum = run.cfg.gradient_accumulation_steps
-    return [batches[i:i + accum] for i in range(0, len(batches), accum)]
+    per_step = run.cfg.gradient_accumulation_steps * run.world.size
+    return [batches[i:i + per_step] for i in range(0, len(batches), per_step)]
 
 
 @dataclass
@@ -328,7 +370,9 @@ class Outcome:
 
 def fit(run: Run) -> dict[str, Any]:
     cfg, state = run.cfg, run.state
-    log = MetricsLog(cfg, run.out, run.total_steps, state.step, resumed=run.resumed_from is not None)
+    log = MetricsLog(cfg, run.out, run.total_steps, state.step,
+                     resumed=run.resumed_from is not None) \
+        if run.world.main else QuietLog()
     log.message(f"training {run.trainable_params:,} of {run.total_params:,} parameters "
                 f"({100 * run.trainable_params / max(run.total_params, 1):.2f}%), "
                 f"{run.total_steps} steps ({run.steps_per_epoch} per epoch), {run.precision.name} "
@@ -365,8 +409,10 @@ def fit(run: Run) -> dict[str, Any]:
                     if outcome.reason == "completed" and run.eval_every and \
                             state.step % run.eval_every == 0 and state.step < run.total_steps:
                         outcome = _evaluate_and_maybe_stop(run, log)
-                    if stop.requested and outcome.reason == "completed":
-                        outcome = Outcome("signal", f"stopped by {stop.requested}")
+                    # A signal to one rank stops them all, at the same step.
+                    signalled = distributed.any_rank(run.world, stop.requested is not None)
+                    if signalled and outcome.reason == "completed":
+                        outcome = Outcome("signal", f"stopped by {stop.requested or 'SIGTERM'}")
                     if run.save_every and state.step % run.save_every == 0 \
                             and state.step < run.total_steps and outcome.reason == "completed":
                         _save_checkpoint(run)
@@ -393,7 +439,9 @@ def _training_speedups(run: Run) -> contextlib.ExitStack:
     hf = unwrap(run.model)
     if run.loss_model.decoder is not None and supports_varlen(hf.config, run.cfg.sequence_len):
         stack.enter_context(varlen_attention(hf))
-    if lean_activations.used_for(run.cfg):
+    # Not under FSDP2: the lean modules hold the norms' parameters themselves, and FSDP2 swaps
+    # sharded and gathered parameters on the modules that held them when it sharded.
+    if lean_activations.used_for(run.cfg) and run.world.strategy != "fsdp":
         stack.enter_context(lean_activations.lean_activations(hf))
     if run.cfg.uses_lora and run.precision.compute != torch.float32:
         # PEFT casts each LoRA input to the adapter's fp32 and autocast casts it back to bf16
@@ -441,7 +489,7 @@ def _log_train(run: Run, log: MetricsLog, grad_norm: float, loss_sum: float, tra
               "tokens_per_s": tokens / seconds if seconds else 0.0,
               "mfu": _mfu(run, tokens / seconds if seconds else 0.0),
               "peak_memory_bytes": peak_memory_bytes(run.precision.device),
-              "skipped_steps": state.skipped_steps}
+              "skipped_steps": state.skipped_steps, "world_size": run.world.size}
     log.write(record)
     log.show(state.step, {"loss": loss, "lr": record["lr"], "tok/s": round(trained_per_s)})
 
@@ -478,11 +526,32 @@ def _evaluate_and_maybe_stop(run: Run, log: MetricsLog, final: bool = False) -> 
 
 
 def _save_checkpoint(run: Run) -> Path:
-    path = ckpt.save_checkpoint(run.out, run.model, run.tokenizer, run.optimizer, run.scheduler,
-                                run.state, run.config_text, run.scaler)
-    keep = {run.state.best_checkpoint} if run.state.best_checkpoint else set()
-    ckpt.prune(run.out, run.cfg.save_total_limit, keep)
-    return path
+    """Every rank takes part (FSDP2 gathers the shards, every rank's RNG states are collected);
+    rank 0 writes, in the format one process writes, so any number of processes resumes it."""
+    world = run.world
+    weights = optimizer_state = None
+    if world.strategy == "fsdp":
+        weights, named = distributed.full_state_dicts(run.step_module, run.optimizer, world)
+        weights = _model_keys(weights)
+        if world.main:
+            optimizer_state = ckpt.by_index(named, run.optimizer, run.step_module)
+    rngs = distributed.gather_objects(world, ckpt.rng_state())
+
+    def write() -> Path:
+        path = ckpt.save_checkpoint(run.out, run.model, run.tokenizer, run.optimizer,
+                                    run.scheduler, run.state, run.config_text, run.scaler,
+                                    weights=weights, optimizer_state=optimizer_state,
+                                    rng_states=rngs)
+        keep = {run.state.best_checkpoint} if run.state.best_checkpoint else set()
+        ckpt.prune(run.out, run.cfg.save_total_limit, keep)
+        return path
+
+    return Path(distributed.on_main(world, write))
+
+
+def _model_keys(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LossForward's state dict keys as the trained model's own ("model." dropped)."""
+    return {k.removeprefix("model."): v for k, v in weights.items()}
 
 
 def _finish(run: Run, outcome: Outcome) -> dict[str, Any]:
@@ -493,10 +562,20 @@ def _finish(run: Run, outcome: Outcome) -> dict[str, Any]:
     interrupted = outcome.reason == "signal"
     last = _save_checkpoint(run) if interrupted or outcome.reason == "non_finite" else None
     if not interrupted:
-        ckpt.save_model_files(run.model, run.tokenizer, run.out, run.config_text)
-        unwrap(run.model).generation_config.save_pretrained(run.out) \
-            if not run.cfg.uses_lora and getattr(unwrap(run.model), "generation_config", None) \
-            else None
+        weights = None
+        if run.world.strategy == "fsdp":
+            weights = _model_keys(distributed.full_state_dicts(run.step_module, None,
+                                                               run.world)[0])
+
+        def write() -> None:
+            ckpt.save_model_files(run.model, run.tokenizer, run.out, run.config_text, weights)
+            hf = unwrap(run.model)
+            if not run.cfg.uses_lora and getattr(hf, "generation_config", None):
+                hf.generation_config.save_pretrained(run.out)
+
+        distributed.on_main(run.world, write)
+    if not run.world.main:
+        return {"outcome": outcome.reason, "message": outcome.message, "steps": state.step}
     seconds = state.train_seconds
     summary = {
         "outcome": outcome.reason, "message": outcome.message, "steps": state.step,
@@ -510,6 +589,7 @@ def _finish(run: Run, outcome: Outcome) -> dict[str, Any]:
         "peak_memory_bytes": peak_memory_bytes(run.precision.device),
         "trainable_params": run.trainable_params, "total_params": run.total_params,
         "precision": run.precision.name, "device": run.precision.device,
+        "world_size": run.world.size, "strategy": run.world.strategy,
         "data": run.data.stats.as_dict() if hasattr(run.data.stats, "as_dict") else None,
     }
     if interrupted:
@@ -527,9 +607,18 @@ def _finish(run: Run, outcome: Outcome) -> dict[str, Any]:
 
 def train(loaded: LoadedConfig, overwrite: bool = False) -> dict[str, Any]:
     """Run the config's training: setup, loop, save. Returns the run's summary."""
+    from strop.device import detect
     from strop.model.context import check_sequence_len
     from strop.train.run_lock import exclusive_output_dir
 
-    check_sequence_len(loaded.cfg)  # from the model's config.json, before anything is written
-    with exclusive_output_dir(Path(loaded.cfg.output_dir)):
-        return fit(setup(loaded, overwrite))
+    cfg = loaded.cfg
+    check_sequence_len(cfg)  # from the model's config.json, before anything is written
+    world = distributed.start(cfg, detect().resolve(cfg.device))
+    try:
+        with contextlib.ExitStack() as held:
+            # Rank 0 holds output_dir for the whole run; it alone writes there.
+            distributed.on_main(world, lambda: held.enter_context(
+                exclusive_output_dir(Path(cfg.output_dir))) and None)
+            return fit(setup(loaded, overwrite, world))
+    finally:
+        distributed.stop(world)

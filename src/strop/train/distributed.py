@@ -1,0 +1,266 @@
+"""Several processes training one model: torch.distributed, started by torchrun.
+
+torchrun (or `strop train --nproc N`, which runs torch's own launcher) starts one process per
+device and sets RANK, WORLD_SIZE and LOCAL_RANK; nothing here launches or talks to processes
+itself. Each process runs the same loop (strop.train.loop) on its share of every optimizer step:
+
+- Data: all ranks build the same batch plan (same seed), and the micro-batches of one optimizer
+  step (micro_batch_size x gradient_accumulation_steps x world size rows) are dealt out
+  round-robin, so the ranks' shares are disjoint and together are exactly what one process with
+  world-size-times the accumulation would train on.
+- Loss: each rank's summed loss is divided by the trained tokens of the whole global step (an
+  all-reduce), and multiplied by the world size because DDP and FSDP2 average gradients over
+  ranks; the gradients are then those of the global step's token-mean loss, as in one process.
+- Strategy: DDP (a replica per rank, gradients all-reduced) by default; FSDP2 (`fully_shard` on
+  every decoder layer and on the whole, parameters, gradients and optimizer states sharded) with
+  `fsdp_version: 2`.
+
+Only rank 0 writes: logs, metrics, checkpoints and the final model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from strop.errors import StropError
+
+if TYPE_CHECKING:
+    from strop.config.schema import StropConfig
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    strategy: str = "single"  # single | ddp | fsdp
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def many(self) -> bool:
+        return self.size > 1
+
+
+SINGLE = World()
+
+
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (0 when not launched by torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def launched_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def start(cfg: StropConfig, device: str) -> World:
+    """Join the process group torchrun set up; one process alone starts none."""
+    size = launched_size()
+    if size <= 1:
+        return SINGLE
+    rank, local = launched_rank(), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local)  # "cuda" below means this rank's own GPU
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=cfg.ddp_timeout))
+    if rank:
+        # Rank 0 speaks for the run: the others' progress, reports and library warnings would
+        # repeat it N times. Their errors still reach stderr (strop.cli prints them per rank).
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+        warnings.filterwarnings("ignore")
+    return World(rank, size, local, "fsdp" if cfg.fsdp is not None else "ddp")
+
+
+def stop(world: World) -> None:
+    if world.many and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------ numbers
+
+
+def all_sum(world: World, *values: float) -> list[float]:
+    """The sums over all ranks of a few numbers (float64: token counts stay exact)."""
+    if not world.many:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def any_rank(world: World, flag: bool) -> bool:
+    """True on every rank when it is true on one (a stop signal, a failure)."""
+    return bool(all_sum(world, float(flag))[0]) if world.many else flag
+
+
+def barrier(world: World) -> None:
+    if world.many:
+        dist.barrier()
+
+
+def gather_objects(world: World, value: Any) -> list[Any]:
+    """Every rank's value, on every rank (small things: RNG states)."""
+    if not world.many:
+        return [value]
+    out: list[Any] = [None] * world.size
+    dist.all_gather_object(out, value)
+    return out
+
+
+def on_main(world: World, work: Callable[[], Any]) -> Any:
+    """Run `work` on rank 0 only and hand its result (small, picklable) to every rank. When it
+    fails on rank 0, rank 0 exits with the error and torchrun stops the others."""
+    result = work() if world.main else None
+    if not world.many:
+        return result
+    box = [result]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextlib.contextmanager
+def main_first(world: World) -> Iterator[None]:
+    """Rank 0 runs the block first (it writes caches), then the other ranks (they read them)."""
+    if world.many and not world.main:
+        dist.barrier()
+    yield
+    if world.many and world.main:
+        dist.barrier()
+
+
+def _comm_device() -> str:
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
+# ------------------------------------------------------------------------------- the step's share
+
+
+def share(world: World, window: list[Any]) -> list[Any | None]:
+    """This rank's micro-batches of one global optimizer step, dealt round-robin, padded with
+    None to the same count on every rank: under DDP and FSDP2 every rank must run as many
+    forward/backward passes as the others, or the collectives of the last one would wait
+    forever. A None is run as a micro-batch with nothing trained (the caller's job)."""
+    mine = window[world.rank::world.size]
+    most = -(-len(window) // world.size)
+    return mine + [None] * (most - len(mine))
+
+
+@contextlib.contextmanager
+def accumulating(module: nn.Module, world: World, last: bool) -> Iterator[None]:
+    """Gradients of a micro-batch that is not the step's last stay local (no communication)."""
+    if world.strategy == "ddp" and not last:
+        with module.no_sync():
+            yield
+    elif world.strategy == "fsdp":
+        module.set_requires_gradient_sync(last)
+        yield
+    else:
+        yield
+
+
+# ------------------------------------------------------------------------------------ wrapping
+
+
+class LossForward(nn.Module):
+    """The loss as one module, so that DDP and FSDP2 see a forward they can hook: strop's loss
+    runs the decoder and the output head separately (strop.train.forward), never the model's
+    own forward."""
+
+    def __init__(self, loss_model: Any) -> None:
+        super().__init__()
+        self.model = loss_model.model
+        self._loss_model = loss_model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        return self._loss_model.loss_sum(batch)
+
+
+def wrap(loss_model: Any, cfg: StropConfig, world: World, device: str) -> nn.Module:
+    """The module the loop runs forward and backward through: the loss itself on one process,
+    DDP or FSDP2 around it on several."""
+    module = LossForward(loss_model)
+    if world.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        kwargs: dict[str, Any] = {
+            "find_unused_parameters": bool(cfg.ddp_find_unused_parameters),
+            "forward_sync_buffers": bool(cfg.ddp_broadcast_buffers)}
+        if cfg.ddp_bucket_cap_mb:
+            kwargs["bucket_cap_mb"] = cfg.ddp_bucket_cap_mb
+        if device == "cuda":
+            kwargs["device_ids"] = [torch.cuda.current_device()]
+        return DistributedDataParallel(module, **kwargs)
+    if world.strategy == "fsdp":
+        return _fully_shard(module, loss_model, cfg, device)
+    return module
+
+
+def _fully_shard(module: LossForward, loss_model: Any, cfg: StropConfig, device: str) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    from strop.train.forward import unwrap
+
+    options = cfg.fsdp
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": options.reshard_after_forward,
+                              # fp32 gradient reduction: the sum over ranks is what one
+                              # process would have accumulated
+                              "mp_policy": MixedPrecisionPolicy(reduce_dtype=torch.float32)}
+    if options.offload_params:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    hf = unwrap(loss_model.model)
+    layers = _decoder_layers(hf, options.transformer_layer_cls_to_wrap)
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    # The root: embeddings, final norm and the output head (tied or not) in one group, which
+    # LossForward's forward gathers before the decoder runs.
+    fully_shard(module, **kwargs)
+    return module
+
+
+def _decoder_layers(hf: nn.Module, class_name: str | None) -> list[nn.Module]:
+    names = {class_name} if class_name else set(getattr(hf, "_no_split_modules", None) or [])
+    layers = [m for m in hf.modules() if type(m).__name__ in names]
+    if not layers:
+        found = sorted({type(m).__name__ for m in hf.modules() if "Layer" in type(m).__name__})
+        raise StropError(f"fsdp_config.transformer_layer_cls_to_wrap: no "
+                         f"{' / '.join(sorted(names)) or 'decoder layer class'} in this model; "
+                         f"its layer classes are {', '.join(found) or 'unknown'}")
+    return layers
+
+
+def full_norm(norm: torch.Tensor) -> float:
+    """A gradient norm as a number: FSDP2's is a DTensor whose full value needs the shards."""
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if full is not None else norm)
+
+
+def full_state_dicts(module: nn.Module, optimizer, world: World) -> tuple[dict, dict]:
+    """The whole model's and optimizer's state on rank 0 (collectives on every rank), in the
+    names and shapes one process would have; the other ranks get empty dicts."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        model_sd, optim_sd = get_model_state_dict(module, options=options), {}
+    else:
+        model_sd, optim_sd = get_state_dict(module, optimizer, options=options)
+    return (model_sd, optim_sd) if world.main else ({}, {})
