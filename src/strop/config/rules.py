@@ -224,6 +224,15 @@ def _distributed(cfg: StropConfig) -> list[Violation]:
         if cfg.fsdp_config is not None and getattr(cfg.fsdp_config, key) is not None:
             out.append(Violation(("fsdp_config",), f"fsdp_config.{key} is an FSDP1 option and "
                                  f"strop shards with FSDP2 ({fix}); remove it"))
+    if cfg.fsdp_config is not None and cfg.fsdp_config.cpu_ram_efficient_loading:
+        out.append(Violation(("fsdp_config",), "fsdp_config.cpu_ram_efficient_loading is not "
+                             "built yet: every rank reads the whole model, then keeps its shard; "
+                             "remove it (or set it to false)"))
+    if cfg.fsdp_config is not None and cfg.fsdp_config.activation_checkpointing \
+            and not cfg.gradient_checkpointing:
+        out.append(Violation(("fsdp_config",), "fsdp_config.activation_checkpointing: strop has "
+                             "one switch for it, under FSDP2 too: set gradient_checkpointing: "
+                             "true and remove activation_checkpointing"))
     if cfg.fsdp is not None and cfg.ddp_find_unused_parameters:
         out.append(Violation(("ddp_find_unused_parameters",), "ddp_find_unused_parameters is a "
                              "DDP option and this config shards with FSDP2; remove it"))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -56,6 +57,7 @@ class World:
 
 
 SINGLE = World()
+_HEALTH: Any = None
 
 
 def launched_rank() -> int:
@@ -78,6 +80,10 @@ def start(cfg: StropConfig, device: str) -> World:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=cfg.ddp_timeout))
+    global _HEALTH
+    # A second gloo group, for the monitored barrier that names a silent rank after a timeout:
+    # a timed-out collective closes its own group's connections.
+    _HEALTH = dist.new_group(backend="gloo")
     if rank:
         # Rank 0 speaks for the run: the others' progress, reports and library warnings would
         # repeat it N times. Their errors still reach stderr (strop.cli prints them per rank).
@@ -141,6 +147,28 @@ def main_first(world: World) -> Iterator[None]:
     yield
     if world.many and world.main:
         dist.barrier()
+
+
+def timed_out(world: World, err: BaseException) -> bool:
+    return world.many and isinstance(err, RuntimeError) and "timed out" in str(err).lower()
+
+
+def timeout_message(world: World, cfg: StropConfig, err: BaseException) -> str:
+    """What a collective that timed out says (strop.cli names the rank that waited) and, found
+    by a monitored barrier (rank 0 hears from every rank that still runs), which ranks did not
+    answer."""
+    silent = ""
+    try:
+        dist.monitored_barrier(_HEALTH, timeout=datetime.timedelta(
+            seconds=min(cfg.ddp_timeout, 30)), wait_all_ranks=True)
+    except RuntimeError as barrier:
+        found = re.search(r"[Rr]anks? ([\d, ]+) failed to pass", str(barrier))
+        if found:
+            silent = f"; rank {found.group(1).strip()} did not answer (hung or died)"
+    first = str(err).splitlines()[0].split("] ")[-1]
+    return (f"waited ddp_timeout ({cfg.ddp_timeout} s) for the other processes "
+            f"in a collective and gave up ({first}){silent}; look at the other ranks' output, and "
+            "resume with --resume_from_checkpoint latest")
 
 
 def _comm_device() -> str:

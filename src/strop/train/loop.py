@@ -620,5 +620,9 @@ def train(loaded: LoadedConfig, overwrite: bool = False) -> dict[str, Any]:
             distributed.on_main(world, lambda: held.enter_context(
                 exclusive_output_dir(Path(cfg.output_dir))) and None)
             return fit(setup(loaded, overwrite, world))
+    except RuntimeError as err:
+        if distributed.timed_out(world, err):
+            raise StropError(distributed.timeout_message(world, cfg, err)) from None
+        raise
     finally:
         distributed.stop(world)

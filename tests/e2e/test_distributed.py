@@ -1,0 +1,242 @@
+"""Two processes on torch.distributed (torchrun, gloo on CPU) train what one process trains.
+
+A 2-process run with gradient_accumulation_steps A takes the same optimizer steps as a
+1-process run with 2A: the same rows per step, the loss normalised by the trained tokens of the
+whole step. DDP gives the same numbers bit for bit on this tiny Llama; FSDP2 (its reductions
+summed in another order) within float tolerance. Checkpoints resume on another world size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import tiny_corpus, write_alpaca
+
+pytestmark = pytest.mark.slow
+
+LORA = {"adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_target_linear": True}
+QLORA = {**LORA, "adapter": "qlora", "load_in_4bit": True, "bf16": True}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("dist")
+    return {"root": root, "model": tiny_model_dir("llama"),
+            "data": write_alpaca(root / "alpaca.jsonl", 120, seed=7)}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("dist-corpus") / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_corpus(200, seed=1)))
+    return path
+
+
+def config(work: dict, name: str, **extra) -> Path:
+    cfg = {"base_model": str(work["model"]),
+           "datasets": [{"path": str(work["data"]), "type": "alpaca"}],
+           "learning_rate": 1e-3, "micro_batch_size": 4, "max_steps": 4, "sequence_len": 128,
+           "logging_steps": 1, "bf16": False, "seed": 0, "output_dir": str(work["root"] / name),
+           "dataset_prepared_path": str(work["root"] / "prepared"), **extra}
+    path = work["root"] / f"{name}.yml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def torchrun(cfg: Path, *args: str, nproc: int = 2, wait: bool = True):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "strop", "train", str(cfg), *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def one_process(cfg: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "strop", "train", str(cfg), *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return result
+
+
+def losses(out: Path) -> list[float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["kind"] == "train"]
+
+
+def weights(out: Path, adapter: bool = False) -> dict[str, torch.Tensor]:
+    return load_file(out / ("adapter_model.safetensors" if adapter else "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst <= atol, worst
+
+
+@pytest.fixture(scope="module")
+def reference(work):
+    """One process, accumulation 2: what every 2-process run below must equal."""
+    ok(one_process(config(work, "one"), "--gradient_accumulation_steps", "2"))
+    return work["root"] / "one"
+
+
+def test_ddp_and_fsdp2_equal_one_process_with_twice_the_accumulation(work, reference):
+    # `strop train --nproc 2` starts torchrun itself
+    ddp = subprocess.run([sys.executable, "-m", "strop", "train", str(config(work, "ddp")),
+                          "--nproc", "2", "--gradient_accumulation_steps", "1"],
+                         capture_output=True, text=True, timeout=600)
+    ok(ddp)
+    assert "starting 2 processes: torchrun" in ddp.stdout
+    ok(torchrun(config(work, "fsdp", fsdp_version=2), "--gradient_accumulation_steps", "1"))
+    one, two, sharded = reference, work["root"] / "ddp", work["root"] / "fsdp"
+    assert losses(two) == losses(one)  # DDP: bit for bit
+    assert losses(sharded) == pytest.approx(losses(one), rel=1e-6)
+    assert_same_weights(weights(one), weights(two))
+    assert_same_weights(weights(one), weights(sharded), atol=1e-5)
+    # Rank 0 alone logs: one record per step, saying how many processes trained.
+    records = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4] and {r["world_size"] for r in train} == {2}
+    summary = json.loads((sharded / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["strategy"] == "fsdp"
+
+
+@pytest.mark.parametrize("mode, strategy", [("lora", "ddp"), ("qlora", "fsdp")])
+def test_lora_and_qlora_train_the_same_adapter_on_two_processes(work, mode, strategy):
+    extra = LORA if mode == "lora" else QLORA
+    ok(one_process(config(work, f"{mode}-one", **extra), "--gradient_accumulation_steps", "2"))
+    sharding = {"fsdp_version": 2} if strategy == "fsdp" else {}
+    ok(torchrun(config(work, f"{mode}-{strategy}", **extra, **sharding),
+                "--gradient_accumulation_steps", "1"))
+    one, two = work["root"] / f"{mode}-one", work["root"] / f"{mode}-{strategy}"
+    assert losses(two) == pytest.approx(losses(one), rel=1e-6)
+    assert_same_weights(weights(one, True), weights(two, True), atol=1e-6)
+    # PEFT loads what two processes wrote
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work["model"]), two)
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+
+
+def test_pretraining_from_scratch_on_two_processes(work, corpus):
+    scratch = {"base_model": None, "datasets": [{"path": str(corpus), "type": "completion"}],
+               "model_config": {"model_type": "llama", "hidden_size": 64,
+                                "intermediate_size": 128, "num_hidden_layers": 2,
+                                "num_attention_heads": 4, "num_key_value_heads": 2,
+                                "max_position_embeddings": 128},
+               "pretrain_tokenizer": {"vocab_size": 300}}
+    ok(one_process(config(work, "scratch-one", **scratch,
+                          dataset_prepared_path=str(work["root"] / "p1")),
+                   "--gradient_accumulation_steps", "2"))
+    # rank 0 trains the tokenizer and prepares the data; rank 1 reads them
+    ok(torchrun(config(work, "scratch-two", **scratch, fsdp_version=2,
+                       dataset_prepared_path=str(work["root"] / "p2")),
+                "--gradient_accumulation_steps", "1"))
+    one, two = work["root"] / "scratch-one", work["root"] / "scratch-two"
+    assert (two / "tokenizer.json").read_text() == (one / "tokenizer.json").read_text()
+    assert losses(two) == pytest.approx(losses(one), rel=1e-6)
+    assert_same_weights(weights(one), weights(two), atol=1e-5)
+
+
+def test_checkpoints_resume_on_another_number_of_processes(work, reference):
+    # 2 -> 1 (DDP's checkpoint), 1 -> 2 under FSDP2: both end where the uninterrupted run did
+    ok(torchrun(config(work, "save2", save_steps=2), "--gradient_accumulation_steps", "1"))
+    ok(one_process(config(work, "from2"), "--gradient_accumulation_steps", "2",
+                   "--resume_from_checkpoint", str(work["root"] / "save2" / "checkpoint-2")))
+    assert_same_weights(weights(reference), weights(work["root"] / "from2"))
+    ok(one_process(config(work, "save1", save_steps=2), "--gradient_accumulation_steps", "2"))
+    ok(torchrun(config(work, "from1", fsdp_version=2), "--gradient_accumulation_steps", "1",
+                "--resume_from_checkpoint", str(work["root"] / "save1" / "checkpoint-2")))
+    assert_same_weights(weights(reference), weights(work["root"] / "from1"), atol=1e-5)
+    assert losses(work["root"] / "from1") == pytest.approx(losses(reference)[2:], rel=1e-6)
+
+
+def _rank_pid(job: subprocess.Popen, rank: int) -> int:
+    """The pid of one rank (a child of torchrun) by its RANK variable."""
+    for _ in range(600):
+        for child in Path(f"/proc/{job.pid}/task/{job.pid}/children").read_text().split():
+            try:
+                env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env:
+                return int(child)
+        time.sleep(0.1)
+    raise AssertionError("no such rank")
+
+
+def _wait_for_step(out: Path, step: int) -> None:
+    for _ in range(1200):
+        if (out / "metrics.jsonl").exists() and len(losses(out)) >= step:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no step {step} in {out}")
+
+
+def test_sigterm_to_one_rank_saves_one_checkpoint_for_all(work):
+    cfg = config(work, "signal", max_steps=5000, lr_scheduler="constant")
+    job = torchrun(cfg, wait=False)
+    _wait_for_step(work["root"] / "signal", 3)
+    os.kill(_rank_pid(job, 1), signal.SIGTERM)
+    out, _ = job.communicate(timeout=300)
+    saved = sorted((work["root"] / "signal").glob("checkpoint-*"))
+    assert len(saved) == 1, out[-3000:]
+    assert "stopped by SIGTERM" in out and "--resume_from_checkpoint" in out
+    step = int(saved[0].name.split("-")[1])
+    assert {p.name for p in saved[0].glob("rng*.pt")} == {"rng.pt", "rng-rank1.pt"}
+    ok(torchrun(cfg, "--resume_from_checkpoint", "latest", "--max_steps", str(step + 2)))
+    assert json.loads((work["root"] / "signal" / "summary.json").read_text())["steps"] == step + 2
+
+
+def test_kill_9_of_one_rank_ends_the_job_and_the_last_checkpoint_resumes(work):
+    cfg = config(work, "killed", max_steps=5000, save_steps=2, lr_scheduler="constant")
+    job = torchrun(cfg, wait=False)
+    _wait_for_step(work["root"] / "killed", 5)
+    os.kill(_rank_pid(job, 1), signal.SIGKILL)
+    out, _ = job.communicate(timeout=300)
+    assert job.returncode != 0
+    ok(torchrun(cfg, "--resume_from_checkpoint", "latest", "--max_steps", "12"))
+    assert json.loads((work["root"] / "killed" / "summary.json").read_text())["steps"] == 12
+
+
+def test_a_config_error_is_printed_once(work, tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text(f"base_model: {work['model']}\ndatasets: [{{path: x.jsonl, type: alpaca}}]\n"
+                   "learning_rate: 1.0e-3\nlora_rr: 4\n")
+    result = torchrun(bad)
+    assert result.returncode != 0
+    text = result.stdout + result.stderr
+    assert text.count("unknown key 'lora_rr'; did you mean lora_r?") == 1, text[-3000:]
+
+
+def test_a_rank_that_hangs_is_named_when_the_collective_times_out(work):
+    cfg = config(work, "hang", max_steps=5000, ddp_timeout=5, lr_scheduler="constant")
+    job = torchrun(cfg, wait=False)
+    _wait_for_step(work["root"] / "hang", 2)
+    hung = _rank_pid(job, 1)
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        out, _ = job.communicate(timeout=300)
+    finally:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.kill(hung, signal.SIGCONT)
+    assert job.returncode != 0
+    assert "error: rank 0: waited ddp_timeout (5 s)" in out, out[-3000:]
+    assert "rank 1 did not answer" in out
