@@ -119,14 +119,22 @@ def test_ddp_and_fsdp2_equal_one_process_with_twice_the_accumulation(work, refer
 
 @pytest.mark.parametrize("mode, strategy", [("lora", "ddp"), ("qlora", "fsdp")])
 def test_lora_and_qlora_train_the_same_adapter_on_two_processes(work, mode, strategy):
-    extra = LORA if mode == "lora" else QLORA
+    # with evaluation: each rank scores its share of the held-out rows, summed over ranks
+    extra = {**(LORA if mode == "lora" else QLORA), "val_set_size": 0.1, "eval_steps": 2,
+             "dataset_prepared_path": str(work["root"] / f"prepared-{mode}")}
     ok(one_process(config(work, f"{mode}-one", **extra), "--gradient_accumulation_steps", "2"))
     sharding = {"fsdp_version": 2} if strategy == "fsdp" else {}
     ok(torchrun(config(work, f"{mode}-{strategy}", **extra, **sharding),
                 "--gradient_accumulation_steps", "1"))
     one, two = work["root"] / f"{mode}-one", work["root"] / f"{mode}-{strategy}"
-    assert losses(two) == pytest.approx(losses(one), rel=1e-6)
-    assert_same_weights(weights(one, True), weights(two, True), atol=1e-6)
+    # QLoRA computes in bf16, where FSDP2's other summation order shows (measured: 4e-6)
+    rel = 1e-6 if mode == "lora" else 2e-5
+    assert losses(two) == pytest.approx(losses(one), rel=rel)
+    assert_same_weights(weights(one, True), weights(two, True), atol=10 * rel)
+    evals = [[(r["step"], r["eval_loss"], r["eval_tokens"]) for r in map(json.loads, (
+        out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"] for out in (one, two)]
+    assert [e[0] for e in evals[1]] == [2, 4] and [e[2] for e in evals[1]] == [e[2] for e in evals[0]]
+    assert [e[1] for e in evals[1]] == pytest.approx([e[1] for e in evals[0]], rel=rel)
     # PEFT loads what two processes wrote
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -364,3 +364,33 @@ def test_non_finite_and_boolean_numbers_are_rejected(write_yaml, text, message):
 def test_a_key_given_twice_on_the_command_line_is_an_error():
     with pytest.raises(ConfigError, match="--lora-r is given twice"):
         parse_overrides(["--lora_r", "8", "--lora-r", "16"])
+
+
+# ---------------------------------------------------------------------------- multi-process keys
+
+
+def test_fsdp2_keys_load_in_both_spellings(write_yaml):
+    cfg = load_config(write_yaml(BASE + "fsdp_version: 2\nfsdp_config:\n"
+                                 "  fsdp_reshard_after_forward: false\n"
+                                 "  transformer_layer_cls_to_wrap: LlamaDecoderLayer\n"
+                                 "ddp_timeout: 60\n")).cfg
+    assert cfg.fsdp is not None and cfg.fsdp.reshard_after_forward is False
+    assert cfg.fsdp.transformer_layer_cls_to_wrap == "LlamaDecoderLayer"
+    assert cfg.ddp_timeout == 60
+    assert load_config(write_yaml(BASE)).cfg.fsdp is None  # DDP when several processes run
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ("fsdp_version: 1\n", "fsdp_version: 1 (FSDP1) is not supported"),
+    ("fsdp_config: {offload_params: true}\n", "fsdp_config is set but fsdp_version is not"),
+    ("fsdp_version: 2\nfsdp_config: {state_dict_type: SHARDED_STATE_DICT}\n",
+     "SHARDED_STATE_DICT (torch.distributed.checkpoint shards) is not built yet"),
+    ("fsdp_version: 2\nfsdp_config: {cpu_ram_efficient_loading: true}\n",
+     "cpu_ram_efficient_loading is not built yet"),
+    ("fsdp_version: 2\nfsdp_config: {fsdp_activation_checkpointing: true}\n",
+     "set gradient_checkpointing: true"),
+    ("fsdp_version: 2\nddp_find_unused_parameters: true\n",
+     "ddp_find_unused_parameters is a DDP option"),
+])
+def test_multi_process_keys_that_cannot_work_say_what_does(write_yaml, extra, expected):
+    assert expected in one_problem(write_yaml, BASE + extra)

@@ -228,6 +228,11 @@ def _distributed(cfg: StropConfig) -> list[Violation]:
         out.append(Violation(("fsdp_config",), "fsdp_config.cpu_ram_efficient_loading is not "
                              "built yet: every rank reads the whole model, then keeps its shard; "
                              "remove it (or set it to false)"))
+    if cfg.fsdp_config is not None and cfg.fsdp_config.state_dict_type == "SHARDED_STATE_DICT":
+        out.append(Violation(("fsdp_config",), "fsdp_config.state_dict_type: SHARDED_STATE_DICT "
+                             "(torch.distributed.checkpoint shards) is not built yet; use "
+                             "FULL_STATE_DICT, gathered on rank 0, which resumes on any number of "
+                             "processes"))
     if cfg.fsdp_config is not None and cfg.fsdp_config.activation_checkpointing \
             and not cfg.gradient_checkpointing:
         out.append(Violation(("fsdp_config",), "fsdp_config.activation_checkpointing: strop has "

@@ -250,7 +250,12 @@ def _fully_shard(module: LossForward, loss_model: Any, cfg: StropConfig, device:
                               # fp32 gradient reduction: the sum over ranks is what one
                               # process would have accumulated
                               "mp_policy": MixedPrecisionPolicy(reduce_dtype=torch.float32)}
-    if options.offload_params:
+    if options.offload_params and device == "cpu":
+        # as fp16 falls back on a CPU: a GPU config still runs on a laptop
+        warnings.warn("fsdp_config.offload_params moves a GPU run's shards to CPU memory; "
+                      "training on the CPU they are there already, so it is not used",
+                      stacklevel=2)
+    elif options.offload_params:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     hf = unwrap(loss_model.model)
     layers = _decoder_layers(hf, options.transformer_layer_cls_to_wrap)
