@@ -8,13 +8,14 @@ else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
 import typer
 
 from strop import runtime
-from strop.errors import EXIT_USAGE, StropError
+from strop.errors import EXIT_USAGE, ConfigError, StropError
 
 app = typer.Typer(
     name="strop",
@@ -67,17 +68,25 @@ def train(
     ctx: typer.Context,
     config: Path = typer.Argument(..., help="YAML config file"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in output_dir"),
+    nproc: int = typer.Option(1, "--nproc", min=1,
+                              help="Processes on this machine (one per GPU): starts torchrun"),
 ):
     """Train: pretraining, full fine-tuning, LoRA or QLoRA, as the config says.
 
     Any config key can be overridden after the file: --lora_r 16 --learning-rate 1e-4.
     Interrupt with Ctrl-C (or SIGTERM) to save a checkpoint; continue with
-    --resume_from_checkpoint latest.
+    --resume_from_checkpoint latest. Under torchrun each process trains its share
+    (DDP, or FSDP2 with fsdp_version: 2); --nproc N starts torchrun for you.
     """
     from strop.config import load_config
     from strop.train.loop import train as run_training
 
-    summary = run_training(load_config(config, ctx.args), overwrite=overwrite)
+    loaded = load_config(config, ctx.args)  # every rank checks the config before anything loads
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from strop.train.launch import torchrun
+
+        raise typer.Exit(torchrun(nproc, config, ctx.args, overwrite))
+    summary = run_training(loaded, overwrite=overwrite)
     # Exit status tells scripts how the run ended: 0 finished (or stopped early on purpose),
     # 1 stopped by a guard (non-finite loss, loss watchdog), 130/143 interrupted by a signal.
     codes = {"completed": 0, "early_stopping": 0, "non_finite": 1, "loss_watchdog": 1}
@@ -331,8 +340,12 @@ def main(argv: list[str] | None = None) -> None:
             runtime.prepare_training_process()
         app(args=argv)
     except StropError as err:
+        rank = int(os.environ.get("RANK", "0"))
+        if rank and isinstance(err, ConfigError):
+            sys.exit(EXIT_USAGE)  # every rank read the same config: rank 0 says what is wrong
+        where = f"rank {rank}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         for line in err.problems:
-            print(f"error: {line}", file=sys.stderr)
+            print(f"error: {where}{line}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         if argv is None:  # a process of its own: a further Ctrl-C while it exits says nothing
