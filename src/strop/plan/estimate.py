@@ -81,14 +81,24 @@ def compute_bytes_for(cfg: StropConfig, device: str, bf16_supported: bool) -> in
     return 2 if cfg.bf16 else 4
 
 
+def resolve_sharding(cfg: StropConfig, sharding: str | None) -> str:
+    """--sharding when given, else what the config asks: fsdp under fsdp_version: 2, else ddp."""
+    if sharding is not None:
+        return sharding
+    return "fsdp" if cfg.fsdp is not None else "ddp"
+
+
 def setup_for(cfg: StropConfig, device: str = "cuda", bf16_supported: bool = True,
-              world_size: int = 1, sharding: str = "ddp", *, hf_config: Any) -> Setup:
+              world_size: int = 1, sharding: str | None = None, *, hf_config: Any) -> Setup:
     """The Setup of `cfg` on a device of this kind, as strop's loop trains it.
 
     The model's config (ModelFacts.hf_config) says what the loop does to it: a plain causal-LM head
     goes through strop's fused chunked loss (strop.train.loss), and a family whose attention
-    strop can run without a mask (strop.model.attention) never gets the 4-D mask.
+    strop can run without a mask (strop.model.attention) never gets the 4-D mask. sharding
+    (ddp | fsdp) overrides the config's; `--sharding fsdp` on a config without fsdp_config
+    plans FSDP2 with fsdp_config's defaults.
     """
+    from strop.config.schema import FsdpConfig
     from strop.model.attention import supports_varlen
     from strop.train.lean_activations import lean_parts, used_for
     from strop.train.loss import LOSS_CHUNK_ROWS
@@ -98,6 +108,8 @@ def setup_for(cfg: StropConfig, device: str = "cuda", bf16_supported: bool = Tru
                                     for key in ("final_logit_softcapping", "logit_scale"))
     mask_free = causal and supports_varlen(hf_config, cfg.sequence_len)
     lean_norms, lean_swiglu = lean_parts(hf_config) if used_for(cfg) else (False, False)
+    sharding = resolve_sharding(cfg, sharding)
+    fsdp = (cfg.fsdp or FsdpConfig()) if sharding == "fsdp" else FsdpConfig()
     return Setup(
         mode=training_mode(cfg),
         micro_batch=cfg.micro_batch_size,
@@ -113,6 +125,9 @@ def setup_for(cfg: StropConfig, device: str = "cuda", bf16_supported: bool = Tru
         device=device,
         world_size=world_size,
         sharding=sharding,
+        reshard_after_forward=fsdp.reshard_after_forward,
+        accumulation=cfg.gradient_accumulation_steps,
+        offload_params=sharding == "fsdp" and fsdp.offload_params,
         masked=not mask_free and (cfg.sample_packing or bool(cfg.pad_to_sequence_len)
                                   or cfg.micro_batch_size > 1),
         fused_loss=plain_head,

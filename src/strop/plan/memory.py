@@ -13,6 +13,19 @@ when optimizer states exist):
   checkpointed input;
 - optimizer_step: gradients of every trainable parameter, the states and the step's temporaries.
 The items returned are those live at the peak; they add up to the total.
+
+Several processes (Transformer Math 101; ZeRO-3 for FSDP2):
+- DDP keeps a full replica on every device, plus its gradient buckets: flat buffers the size of
+  the trainable gradients that the reducer allocates once and all-reduces through
+  (gradient_as_bucket_view off, torch's default).
+- FSDP2 as strop.train.distributed wraps it (fully_shard per decoder layer, then the root for
+  embeddings, final norm and head) keeps 1/world of the weights, gradients and optimizer
+  states, and gathers each unit's weights as they are stored to run it: its
+  MixedPrecisionPolicy sets only reduce_dtype (fp32), so fp32 trainable weights travel in fp32
+  and autocast still casts them, its bf16 copies as large as without sharding. Between the
+  micro-batches of one step gradients are not reduced (set_requires_gradient_sync(False)):
+  they accumulate unsharded. See `fsdp_gathered_bytes` for which units are gathered at once.
+  With offload_params the shards, gradients and optimizer step live on the CPU: host memory.
 """
 
 from __future__ import annotations
@@ -20,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from strop.plan import math as tm
-from strop.plan.params import ParamCounts
+from strop.plan.params import LayerCounts, ParamCounts
 from strop.plan.shape import ModelShape
 
 MiB = 2**20
@@ -61,7 +74,10 @@ class Setup:
     double_quant: bool = True
     device: str = "cuda"           # cuda | cpu
     world_size: int = 1
-    sharding: str = "ddp"          # ddp (replicas) | fsdp (fully sharded)
+    sharding: str = "ddp"          # ddp (replicas) | fsdp (FSDP2, fully sharded)
+    reshard_after_forward: bool = True  # FSDP2: free each layer's gathered weights after forward
+    accumulation: int = 1          # micro-batches per optimizer step (FSDP2 keeps their gradients)
+    offload_params: bool = False   # FSDP2: shards, gradients and optimizer step on the CPU
     logits_chunk: int | None = None  # tokens scored at once by a chunked loss (None = all)
     masked: bool = False           # rows are padded or packed: transformers builds a 4-D mask
     fused_loss: bool = False       # strop's chunked head + loss (gradients in the forward pass)
@@ -80,6 +96,11 @@ class MemoryEstimate:
     peak_phase: str
     phases: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    host_items: dict[str, float] = field(default_factory=dict)  # per process, off the device
+
+    @property
+    def host_total(self) -> float:
+        return sum(self.host_items.values())
 
 
 def _residual_bytes(setup: Setup) -> int:
@@ -94,17 +115,20 @@ def weight_bytes(params: ParamCounts, setup: Setup) -> dict[str, float]:
     c = setup.compute_bytes
     if setup.mode == "full":
         return {"weights": tm.FP32 * params.total}
-    if setup.mode == "qlora":
-        base = tm.nf4_bytes(params.quantized, setup.double_quant, params.quantized_linears)
-    elif setup.mode == "lora8":
-        base = tm.int8_bytes(params.quantized, params.quantized_rows)
-    else:
-        base = 0.0
+    base = _quantized_bytes(params, setup)
     # Norms of a k-bit base in fp32, everything else unquantized in the compute dtype
     # (strop.model.quantize); a LoRA base has no norms apart (norms_and_biases is in total).
     fp32_norms = params.norms_and_biases if params.quantized else 0
     base += tm.FP32 * fp32_norms + c * (params.total - params.quantized - fp32_norms)
     return {"weights": base, "lora_weights": tm.FP32 * params.trainable}
+
+
+def _quantized_bytes(params: ParamCounts, setup: Setup) -> float:
+    if setup.mode == "qlora":
+        return tm.nf4_bytes(params.quantized, setup.double_quant, params.quantized_linears)
+    if setup.mode == "lora8":
+        return tm.int8_bytes(params.quantized, params.quantized_rows)
+    return 0.0
 
 
 def autocast_copy_bytes(params: ParamCounts, setup: Setup) -> tuple[float, float]:
@@ -195,6 +219,57 @@ def distinct_gemms(shape: ModelShape, params: ParamCounts, setup: Setup) -> int:
     return per_base * len(base) + 3 * len(lora)
 
 
+def _layers(shape: ModelShape, params: ParamCounts) -> tuple[LayerCounts, ...]:
+    """The decoder layers as counted, or (for a model whose layer class was not found) the
+    parameters outside embeddings and head split evenly over shape.layers."""
+    if params.layers:
+        return params.layers
+    n = max(shape.layers, 1)
+    head = 0 if shape.tied_embeddings else params.head
+    added = 0 if params.trainable == params.total else params.trainable
+    return (LayerCounts((params.total - params.embedding - head) // n, params.quantized // n,
+                        added // n),) * n
+
+
+def fsdp_unit_bytes(shape: ModelShape, params: ParamCounts,
+                    setup: Setup) -> tuple[float, list[float]]:
+    """Bytes of each FSDP2 unit once gathered, as stored: (the root, [each decoder layer]).
+
+    The root is what no layer holds: embeddings, final norm, head and the trainable copies
+    PEFT keeps outside the layers. A layer's base is fp32 when it trains, in the compute dtype
+    when frozen under LoRA; a k-bit base keeps its packed weights and its fp32 norms.
+    """
+    c = setup.compute_bytes
+    per_quantized = _quantized_bytes(params, setup) / params.quantized if params.quantized else 0.0
+
+    def stored(unit: LayerCounts) -> float:
+        if setup.mode == "full":
+            return tm.FP32 * unit.params
+        if params.quantized:  # a k-bit layer's other parameters are its norms and biases
+            base = per_quantized * unit.quantized + tm.FP32 * (unit.params - unit.quantized)
+        else:
+            base = c * unit.params
+        return base + tm.FP32 * unit.added
+
+    layers = [stored(u) for u in _layers(shape, params)]
+    return sum(weight_bytes(params, setup).values()) - sum(layers), layers
+
+
+def fsdp_gathered_bytes(shape: ModelShape, params: ParamCounts, setup: Setup) -> float:
+    """Gathered (unsharded) weights alive during forward and backward under FSDP2.
+
+    The root is the module whose forward is the whole loss (strop.train.distributed's
+    LossForward), so its weights are gathered through all of forward and again through all of
+    backward. With reshard_after_forward, two decoder layers are in flight: the one computing
+    and the next, whose all-gather FSDP2 prefetches to overlap it (forward and backward prefetch
+    one unit ahead by default). Without it every layer's gathered weights stay from its forward
+    until its backward.
+    """
+    root, layers = fsdp_unit_bytes(shape, params, setup)
+    in_flight = sorted(layers)[-2:] if setup.reshard_after_forward else layers
+    return root + sum(in_flight)
+
+
 def estimate_memory(shape: ModelShape, params: ParamCounts, setup: Setup) -> MemoryEstimate:
     """Peak bytes per device and the items live at that moment."""
     world = max(setup.world_size, 1)
@@ -203,23 +278,47 @@ def estimate_memory(shape: ModelShape, params: ParamCounts, setup: Setup) -> Mem
     grads = tm.FP32 * params.trainable
     step_temp = tm.optimizer_step_temp_bytes(setup.optimizer, setup.device, params.trainable,
                                              params.largest_trainable)
+    held_copies, forward_copies = autocast_copy_bytes(params, setup)
     notes: list[str] = []
-    gathered = 0.0
+    gathered = unsharded_grads = buckets = 0.0
+    host: dict[str, float] = {}
     if world > 1 and setup.sharding == "fsdp":
-        # Fully sharded: each device keeps 1/world of parameters, gradients and states, and
-        # gathers one layer's full weights at a time (two with prefetching).
         stored = {k: v / world for k, v in stored.items()}
-        states, grads, step_temp = states / world, grads / world, step_temp / world
-        per_layer = (params.total - params.embedding - params.head) / max(shape.layers, 1)
-        gathered = 2 * per_layer * setup.compute_bytes
-        notes.append(f"FSDP over {world} devices: weights, gradients and optimizer states are "
-                     "sharded; two layers' full weights are gathered at a time")
+        states, grads = states / world, grads / world
+        gathered = fsdp_gathered_bytes(shape, params, setup)
+        # Gradients are fp32 (the trainable weights' dtype, reduce_dtype fp32). With one
+        # micro-batch a step, one layer's wait unsharded for their reduce-scatter; with more,
+        # every one accumulates unsharded until the step's last backward reduces them.
+        largest = max((u.params if setup.mode == "full" else u.added)
+                      for u in _layers(shape, params))
+        unsharded_grads = tm.FP32 * (params.trainable if setup.accumulation > 1 else largest)
+        kept = ("two decoder layers' gathered weights at a time (one computing, one prefetched)"
+                if setup.reshard_after_forward else
+                "every decoder layer's gathered weights from its forward to its backward "
+                "(reshard_after_forward: false)")
+        notes.append(f"FSDP2 over {world} devices: weights, gradients and optimizer states are "
+                     f"sharded 1/{world}; the root (embeddings, head) stays gathered through "
+                     f"forward and backward, plus {kept}")
+        if setup.accumulation > 1:
+            notes.append("FSDP2 accumulates the gradients of a step's micro-batches unsharded "
+                         "(no reduce-scatter until the last): gradient_accumulation_steps: 1 "
+                         "with a larger micro_batch_size avoids them")
+        if setup.offload_params and setup.device == "cuda":
+            # The optimizer steps on the CPU, where the shards and their gradients are.
+            cpu_temp = tm.optimizer_step_temp_bytes(setup.optimizer, "cpu", params.trainable,
+                                                    params.largest_trainable)
+            host = {**stored, "optimizer_states": states, "gradients": grads,
+                    "optimizer_step_temp": cpu_temp / world}
+            stored, states, grads = {}, 0.0, 0.0
+            step_temp = 0.0
+            notes.append("offload_params: the shards, their gradients and the optimizer step are "
+                         "in CPU memory (host_items); the device holds what is gathered")
+        else:
+            step_temp = step_temp / world
     elif world > 1:
-        # DDP reduces gradients through buckets: one more gradient-sized buffer per device.
+        buckets = grads
         notes.append(f"DDP over {world} devices: every device holds a full replica, plus "
                      "gradient buckets the size of the gradients")
-    buckets = grads if world > 1 and setup.sharding == "ddp" else 0.0
-    held_copies, forward_copies = autocast_copy_bytes(params, setup)
     acts = activation_bytes(shape, params, setup)
     if setup.device == "cpu":
         gemms = distinct_gemms(shape, params, setup) * CPU_GEMM_CACHE_BYTES
@@ -229,33 +328,37 @@ def estimate_memory(shape: ModelShape, params: ParamCounts, setup: Setup) -> Mem
     else:
         framework = {"cuda_context": float(CUDA_CONTEXT_BYTES),
                      "framework": float(CUDA_WORKSPACE_BYTES)}
-    static = {**stored, "optimizer_states": states, **framework}
-    if gathered:
-        static["fsdp_gathered_layers"] = gathered
+    # DDP's buckets exist from the wrap on, through every phase.
+    static = {**stored, "optimizer_states": states, **framework, "gradient_buckets": buckets}
     if setup.optimizer.startswith("paged_"):
         notes.append("paged optimizer: its states live in unified memory and can spill to host "
                      "memory when the GPU runs short")
 
+    # Gathered FSDP2 weights exist only between the first all-gather of forward and the last
+    # reshard of backward: not at the optimizer step.
     common = {"activations": acts["activations"], "head_activations": acts["head"],
-              "attention_mask": acts["attention_mask"]}
+              "attention_mask": acts["attention_mask"], "fsdp_gathered_params": gathered}
     phases = {
         "forward_end": {**static, **common, "logits_and_loss": acts["loss_forward"],
-                        "autocast_weight_copies": held_copies + forward_copies},
+                        "autocast_weight_copies": held_copies + forward_copies,
+                        # a later micro-batch's forward, on the earlier ones' gradients
+                        "fsdp_unsharded_gradients": unsharded_grads
+                        if setup.accumulation > 1 else 0.0},
         "backward_start": {**static, **common, "logits_and_loss": acts["loss_backward"],
-                           "autocast_weight_copies": held_copies, "gradient_buckets": buckets},
-        "optimizer_step": {**static, "gradients": grads, "optimizer_step_temp": step_temp,
-                           "gradient_buckets": buckets},
+                           "autocast_weight_copies": held_copies,
+                           "fsdp_unsharded_gradients": unsharded_grads},
+        "optimizer_step": {**static, "gradients": grads, "optimizer_step_temp": step_temp},
     }
     if setup.gradient_checkpointing:
         layer_copies = forward_copies / max(shape.layers, 1)
         phases["recompute"] = {**static, **common, "recompute_one_layer": acts["recompute"],
                                "autocast_weight_copies": held_copies + layer_copies,
-                               "gradient_buckets": buckets}
+                               "fsdp_unsharded_gradients": unsharded_grads}
     totals = {name: sum(items.values()) for name, items in phases.items()}
     peak = max(totals, key=totals.get)
     items = {k: v for k, v in phases[peak].items() if v}
     return MemoryEstimate(total=totals[peak], items=items, peak_phase=peak, phases=totals,
-                          notes=notes)
+                          notes=notes, host_items={k: v for k, v in host.items() if v})
 
 
 def with_setup(setup: Setup, **changes) -> Setup:

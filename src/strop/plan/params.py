@@ -32,6 +32,15 @@ class LoraModule:
 
 
 @dataclass(frozen=True)
+class LayerCounts:
+    """One decoder layer: the unit FSDP2 shards and gathers (strop wraps by decoder layer)."""
+
+    params: int                 # base parameters (adapters not included)
+    quantized: int              # of those, linear weights stored in 4 or 8 bits
+    added: int                  # trainable parameters PEFT adds to it (LoRA A and B, saved copies)
+
+
+@dataclass(frozen=True)
 class ParamCounts:
     total: int                  # parameters of the base model (adapters not included)
     trainable: int              # what the optimizer updates
@@ -48,6 +57,7 @@ class ParamCounts:
     lora_modules: tuple[LoraModule, ...] = ()
     quantized_linears: int = 0  # how many linear layers are quantized
     quantized_rows: int = 0     # their output rows (8-bit keeps one fp32 scale per row)
+    layers: tuple[LayerCounts, ...] = ()  # the decoder layers, in order (empty: none found)
 
     def by_dtype(self, mode: str, compute_bytes: int) -> dict[str, int]:
         """Parameters per storage dtype under strop's policy (see storage_policy)."""
@@ -125,7 +135,7 @@ def count_params(model: nn.Module, cfg: StropConfig) -> ParamCounts:
             embedding=embedding, norms_and_biases=small,
             largest_trainable=max((p.numel() for p in _unique_params(model)), default=0),
             trainable_shapes=shapes, quantized_linears=quantized_linears,
-            quantized_rows=quantized_rows)
+            quantized_rows=quantized_rows, layers=_layer_counts(model, cfg, quantize))
 
     from peft.tuners.lora import LoraLayer
 
@@ -159,7 +169,44 @@ def count_params(model: nn.Module, cfg: StropConfig) -> ParamCounts:
         largest_trainable=max((p.numel() for p in trainable_params), default=0),
         trainable_shapes=tuple(tuple(p.shape) for p in trainable_params),
         lora_modules=tuple(loras),
-        quantized_linears=quantized_linears, quantized_rows=quantized_rows)
+        quantized_linears=quantized_linears, quantized_rows=quantized_rows,
+        layers=_layer_counts(peft_model, cfg, quantize))
+
+
+def _layer_counts(model: nn.Module, cfg: StropConfig, quantize: bool) -> tuple[LayerCounts, ...]:
+    """Counts per decoder layer, found as FSDP2 wrapping finds them: instances of the class
+    fsdp_config.transformer_layer_cls_to_wrap names, else of the model's _no_split_modules."""
+    import torch.nn as nn
+
+    named = cfg.fsdp.transformer_layer_cls_to_wrap if cfg.fsdp else None
+    classes = {named} if named else set(_no_split_modules(model))
+    out, inside = [], None
+    for name, module in model.named_modules():
+        if inside is not None and name.startswith(inside + "."):
+            continue  # a listed class nested in another is part of the outer unit
+        if type(module).__name__ not in classes:
+            continue
+        inside = name
+        linear = {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
+        params = quantized = added = 0
+        for param_name, param in module.named_parameters():
+            if "lora_" in param_name or "modules_to_save" in param_name:
+                added += param.numel()
+                continue
+            params += param.numel()
+            if quantize and id(param) in linear:
+                quantized += param.numel()
+        out.append(LayerCounts(params, quantized, added))
+    return tuple(out)
+
+
+def _no_split_modules(model: nn.Module) -> list[str]:
+    # PEFT's wrapper hides the transformers model one or two levels down.
+    for module in model.modules():
+        names = getattr(module, "_no_split_modules", None)
+        if names:
+            return list(names)
+    return []
 
 
 def _unique_params(model: nn.Module):
