@@ -138,7 +138,6 @@ def test_unresolvable_base_model_names_it_and_suggests_a_local_path(cli, write_y
     cfg = write_yaml("""
 base_model: nobody/unknown-model-7b
 datasets: [{path: d.jsonl, type: alpaca}]
-learning_rate: 2.0e-4
 learning_rate: 2e-5
 """)
     result = cli("plan", cfg, "--gpu", "H100")
