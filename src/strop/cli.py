@@ -109,8 +109,17 @@ def plan(
     ctx: typer.Context,
     config: Path = typer.Argument(..., help="YAML config file"),
     gpu: str = typer.Option(None, "--gpu", help="Plan for one GPU (H100, A100-80GB, T4, ...) or cpu"),
-    world_size: int = typer.Option(1, "--world-size", min=1, help="Devices training together"),
-    sharding: str = typer.Option("ddp", "--sharding", help="ddp (replicas) or fsdp (sharded)"),
+    world_size: int = typer.Option(1, "--world-size", min=1,
+                                   help="Devices training together, over all nodes"),
+    sharding: str = typer.Option(None, "--sharding",
+                                 help="ddp (replicas) or fsdp (FSDP2, sharded); default: fsdp "
+                                      "when the config sets fsdp_version: 2, else ddp"),
+    nodes: int = typer.Option(1, "--nodes", min=1, help="Machines the devices are spread over"),
+    interconnect: str = typer.Option(
+        None, "--interconnect",
+        help="Link the collectives cross: nvlink, nvlink3, pcie, pcie3, pcie5 inside a node, "
+             "infiniband or ethernet between nodes, or a bandwidth in GB/s (default: each "
+             "GPU's own link; infiniband between nodes)"),
     as_json: bool = typer.Option(False, "--json", help="Print every figure as JSON"),
     prices: Path = typer.Option(None, "--prices", help="Your own price table (JSON)"),
     mfu: float = typer.Option(None, "--mfu", min=0.01, max=1.0, help="Assumed utilisation"),
@@ -121,11 +130,12 @@ def plan(
     from strop.config import load_config
     from strop.plan.report import build_plan, render_text, round_floats
 
-    if sharding not in ("ddp", "fsdp"):
+    if sharding not in (None, "ddp", "fsdp"):
         raise StropError(f"--sharding {sharding}: use ddp or fsdp")
     loaded = load_config(config, ctx.args)
     result = build_plan(loaded.cfg, gpu=gpu, world_size=world_size, sharding=sharding,
-                        prices_path=prices, mfu=mfu, base_dir=config.parent)
+                        nodes=nodes, interconnect=interconnect, prices_path=prices, mfu=mfu,
+                        base_dir=config.parent)
     typer.echo(json.dumps(round_floats(result), indent=2) if as_json else render_text(result))
 
 

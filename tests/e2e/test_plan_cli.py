@@ -154,3 +154,47 @@ def test_world_size_and_fsdp(cli):
                              "--sharding", "fsdp", "--json").out)
     assert sharded["memory"]["total_bytes"] < one["memory"]["total_bytes"]
     assert sharded["devices"][0]["count"] == 4
+
+
+def test_fsdp2_from_the_config_on_8_gpus_over_nvlink(cli, write_yaml):
+    """fsdp_version: 2 picks FSDP2 without --sharding. Llama-2-7b: 6,738,415,616 parameters,
+    32 layers of 202,383,360, the root (embedding, head, norm) 262,148,096."""
+    cfg = write_yaml("""
+base_model: NousResearch/Llama-2-7b-hf
+datasets: [{path: not/here.jsonl, type: alpaca}]
+learning_rate: 2e-5
+sequence_len: 2048
+gradient_checkpointing: true
+fsdp_version: 2
+fsdp_config:
+  reshard_after_forward: true
+""")
+    args = ("plan", cfg, "--gpu", "H100", "--world-size", "8", "--interconnect", "nvlink")
+    result = cli(*args, "--json")
+    assert result.code == 0, result.err
+    plan = json.loads(result.out)
+    dist = plan["distributed"]
+    assert (dist["strategy"], dist["strategy_from"]) == ("fsdp", "fsdp_version: 2 in the config")
+    assert dist["world_size"] == 8 and dist["reshard_after_forward"] is True
+    step = dist["step"]
+    # 7/8 x 4 bytes x every parameter each: fp32 weights gathered in forward and again in
+    # backward, fp32 gradients reduce-scattered
+    assert step["collectives"] == {"all_gather_forward": 23_584_454_656,
+                                   "all_gather_backward": 23_584_454_656,
+                                   "reduce_scatter_gradients": 23_584_454_656}
+    assert step["comm_bytes"] == 70_753_363_968
+    assert (step["interconnect"], step["interconnect_gb_per_s"]) == ("nvlink", 450)
+    assert step["comm_seconds"] == pytest.approx(70_753_363_968 / 450e9, rel=1e-3)
+    assert step["seconds"] == max(step["comm_seconds"], step["compute_seconds"])
+    items = plan["memory"]["items"]
+    assert items["weights"] == 4 * 6_738_415_616 / 8
+    assert items["fsdp_gathered_params"] == 4 * (262_148_096 + 2 * 202_383_360)
+    assert plan["memory"]["host_bytes"] == 0
+    row = plan["devices"][0]
+    assert row["count"] == 8 and row["step"] == step
+    text = cli(*args).out
+    assert "8 x H100 80GB" in text and "FSDP2 (fsdp_version: 2 in the config)" in text
+    assert "assumes communication overlaps compute" in text
+    ddp = json.loads(cli(*args, "--sharding", "ddp", "--json").out)["distributed"]
+    assert (ddp["strategy"], ddp["strategy_from"]) == ("ddp", "--sharding")
+    assert ddp["step"]["collectives"] == {"all_reduce_gradients": 47_168_909_312}

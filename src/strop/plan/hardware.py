@@ -30,6 +30,7 @@ class Device:
     fp16_flops: float | None
     fp32_flops: float
     prices: dict[str, float]        # provider -> USD per device-hour
+    link: str | None = None         # how devices of the kind talk in one node (interconnects.json)
 
     @property
     def bf16(self) -> bool:
@@ -43,14 +44,14 @@ class Device:
         return self.fp32_flops
 
 
-def _read_json(name: str) -> dict[str, Any]:
+def read_json(name: str) -> dict[str, Any]:
     return json.loads(resources.files("strop.plan").joinpath(name).read_text())
 
 
 def load_prices(path: str | Path | None = None) -> dict[str, Any]:
     """The price table: strop's snapshot, or a user's file with the same layout."""
     if path is None:
-        return _read_json("prices.json")
+        return read_json("prices.json")
     try:
         data = json.loads(Path(path).read_text())
     except OSError as err:
@@ -68,21 +69,22 @@ def gpu_table(prices: dict[str, Any] | None = None) -> dict[str, Device]:
     """Every GPU strop knows, with prices from `prices` (strop's own table by default)."""
     prices = prices if prices is not None else load_prices()
     table = {}
-    for name, spec in _read_json("gpus.json")["gpus"].items():
+    for name, spec in read_json("gpus.json")["gpus"].items():
         tf = 1e12
         table[name] = Device(
             name=name, kind="cuda", memory_bytes=spec["memory_mib"] * MiB,
             bf16_flops=spec["bf16_tflops"] * tf if spec["bf16_tflops"] else None,
             fp16_flops=spec["fp16_tflops"] * tf if spec["fp16_tflops"] else None,
             fp32_flops=spec["fp32_tflops"] * tf,
-            prices={k: float(v) for k, v in prices.get("prices", {}).get(name, {}).items()})
+            prices={k: float(v) for k, v in prices.get("prices", {}).get(name, {}).items()},
+            link=spec.get("link"))
     return table
 
 
 def find_gpu(name: str, table: dict[str, Device]) -> Device:
     """A GPU by its name or an alias, any case; an unknown name lists the known ones."""
     wanted = name.lower().replace(" ", "").replace("_", "-")
-    aliases = _read_json("gpus.json")["gpus"]
+    aliases = read_json("gpus.json")["gpus"]
     for gpu_name, spec in aliases.items():
         names = [gpu_name.lower().replace(" ", "")] + [a.replace("_", "-") for a in spec["aliases"]]
         if wanted in names and gpu_name in table:

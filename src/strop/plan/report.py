@@ -2,7 +2,9 @@
 
 `build_plan` gathers everything into one JSON-ready dict (what `--json` prints); `render_text`
 turns that dict into the report a person reads. Time is FLOPs / (peak x MFU): the MFU is stated
-in the report, and for this machine's CPU the peak is a measured matmul.
+in the report, and for this machine's CPU the peak is a measured matmul. Over several devices a
+step takes the longer of its compute and its communication (strop.plan.comm): the two are
+assumed to overlap, as DDP's bucketed all-reduce and FSDP2's prefetched all-gathers do.
 """
 
 from __future__ import annotations
@@ -12,8 +14,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from strop.plan.comm import Layout, Link, layout, step_traffic
 from strop.plan.cpu_speed import UNPROBED_WORK, cpu_step_seconds
-from strop.plan.estimate import ModelFacts, flops_per_token, model_facts, setup_for, training_mode
+from strop.plan.estimate import (
+    ModelFacts,
+    flops_per_token,
+    model_facts,
+    resolve_sharding,
+    setup_for,
+    training_mode,
+)
 from strop.plan.hardware import Device, find_gpu, gpu_table, load_prices, this_cpu
 from strop.plan.math import nf4_bits_per_param
 from strop.plan.memory import GiB, Setup, estimate_memory
@@ -33,9 +43,15 @@ CPU_MFU = 0.50
 
 
 def build_plan(cfg: StropConfig, *, gpu: str | None = None, world_size: int = 1,
-               sharding: str = "ddp", prices_path: str | Path | None = None,
-               mfu: float | None = None, base_dir: Path | None = None,
-               measure_cpu: bool = True) -> dict[str, Any]:
+               sharding: str | None = None, nodes: int = 1, interconnect: str | None = None,
+               prices_path: str | Path | None = None, mfu: float | None = None,
+               base_dir: Path | None = None, measure_cpu: bool = True) -> dict[str, Any]:
+    """sharding: ddp | fsdp, None for the config's (FSDP2 under fsdp_version: 2, else DDP).
+    interconnect: a link's name or GB/s (strop.plan.comm), None for each GPU's own link."""
+    spread = layout(world_size, nodes, interconnect)
+    strategy_from = ("--sharding" if sharding else
+                     "fsdp_version: 2 in the config" if cfg.fsdp else "no fsdp_version: 2")
+    sharding = resolve_sharding(cfg, sharding)
     facts = model_facts(cfg)
     prices = load_prices(prices_path)
     table = gpu_table(prices)
@@ -55,7 +71,10 @@ def build_plan(cfg: StropConfig, *, gpu: str | None = None, world_size: int = 1,
     ref_setup = setup_for(cfg, reference.kind, reference.bf16, world_size, sharding,
                           hf_config=facts.hf_config)
     ref_memory = estimate_memory(facts.shape, facts.params, ref_setup)
-    rows = [_device_row(facts, cfg, d, world_size, sharding, run_tokens, mfu) for d in devices]
+    rows = [_device_row(facts, cfg, d, spread, sharding, run_tokens, mfu) for d in devices]
+    ref_row = next((r for r in rows if r["device"] == reference.name), None)
+    if ref_row is None:  # a table without the H100 row: its step is planned alone
+        ref_row = _device_row(facts, cfg, reference, spread, sharding, run_tokens, mfu)
     plan: dict[str, Any] = {
         "model": _model_section(facts, cfg),
         "mode": training_mode(cfg),
@@ -63,18 +82,33 @@ def build_plan(cfg: StropConfig, *, gpu: str | None = None, world_size: int = 1,
         "setup": {**asdict(ref_setup), "device": reference.name},
         "memory": {"device": reference.name, "total_bytes": ref_memory.total,
                    "items": ref_memory.items, "peak_phase": ref_memory.peak_phase,
-                   "phases": ref_memory.phases, "notes": ref_memory.notes},
+                   "phases": ref_memory.phases, "notes": ref_memory.notes,
+                   "host_bytes": ref_memory.host_total, "host_items": ref_memory.host_items,
+                   "host_bytes_per_node": ref_memory.host_total * spread.per_node},
+        "distributed": _distributed_section(ref_setup, spread, strategy_from, ref_row),
         "compute": _compute_section(facts, ref_setup, tokens, run_tokens),
         "devices": rows,
         "cheapest": _cheapest(rows),
         "prices": {"date": prices.get("date"), "currency": prices.get("currency", "USD"),
                    "sources": prices.get("sources", {})},
-        "assumptions": _assumptions(mfu),
+        "assumptions": _assumptions(mfu, ref_setup),
     }
     if not any(r["fits"] for r in rows):
-        plan["suggestions"] = _suggestions(cfg, facts, devices, world_size, sharding, run_tokens,
-                                           mfu)
+        plan["suggestions"] = _suggestions(cfg, facts, devices, spread, sharding, run_tokens, mfu)
     return plan
+
+
+def _distributed_section(setup: Setup, spread: Layout, strategy_from: str,
+                         row: dict[str, Any]) -> dict[str, Any]:
+    """How the processes split the work, and the reference device's step."""
+    return {"world_size": spread.world_size, "nodes": spread.nodes,
+            "devices_per_node": spread.per_node,
+            "strategy": "single" if spread.world_size == 1 else setup.sharding,
+            "strategy_from": strategy_from,
+            "reshard_after_forward": setup.reshard_after_forward if setup.sharding == "fsdp"
+            else None,
+            "offload_params": setup.offload_params,
+            "step": row["step"]}
 
 
 def _cpu_bf16(cfg: StropConfig) -> bool:
@@ -149,9 +183,28 @@ def _cpu_tokens_per_second(facts: ModelFacts, setup: Setup, accumulation: int) -
     return _cpu_timings[key]
 
 
-def _device_row(facts: ModelFacts, cfg: StropConfig, device: Device, world_size: int,
+def _step(facts: ModelFacts, cfg: StropConfig, setup: Setup, one: float,
+          link: Link | None) -> dict[str, Any]:
+    """One optimizer step on each device: its compute (`one` tokens/s per device), what it sends
+    and over which link, and the step time when the two overlap."""
+    tokens = cfg.micro_batch_size * cfg.sequence_len * cfg.gradient_accumulation_steps
+    compute = tokens / one
+    traffic = step_traffic(facts.params, setup)
+    sent = sum(traffic.values())
+    comm = sent / link.bytes_per_second if traffic and link else 0.0 if not traffic else None
+    return {"tokens_per_device": tokens, "compute_seconds": compute,
+            "comm_bytes": sent, "collectives": traffic,
+            "interconnect": link.name if traffic and link else None,
+            "interconnect_gb_per_s": link.gb_per_s if traffic and link else None,
+            "comm_seconds": comm,
+            "seconds": max(compute, comm or 0.0),  # communication overlaps compute
+            "bound": "communication" if comm and comm > compute else "compute"}
+
+
+def _device_row(facts: ModelFacts, cfg: StropConfig, device: Device, spread: Layout,
                 sharding: str, run_tokens: float | None, mfu: float | None,
                 setup: Setup | None = None) -> dict[str, Any]:
+    world_size = spread.world_size
     setup = setup or setup_for(cfg, device.kind, device.bf16, world_size, sharding,
                                hf_config=facts.hf_config)
     memory = estimate_memory(facts.shape, facts.params, setup)
@@ -160,10 +213,11 @@ def _device_row(facts: ModelFacts, cfg: StropConfig, device: Device, world_size:
         # This CPU: the step's own pieces timed at their shapes; the MFU shown is what that implies.
         one = _cpu_tokens_per_second(facts, setup, cfg.gradient_accumulation_steps)
         used_mfu = one * flops_per_token(facts, setup) / peak
-        tokens_per_second = world_size * one
     else:
         used_mfu = _mfu(device, setup, mfu)
-        tokens_per_second = world_size * peak * used_mfu / flops_per_token(facts, setup)
+        one = peak * used_mfu / flops_per_token(facts, setup)
+    step = _step(facts, cfg, setup, one, spread.link_for(device.link))
+    tokens_per_second = world_size * step["tokens_per_device"] / step["seconds"]
     hours = run_tokens / tokens_per_second / 3600 if run_tokens else None
     per_million = 1e6 / tokens_per_second / 3600
     return {
@@ -171,9 +225,11 @@ def _device_row(facts: ModelFacts, cfg: StropConfig, device: Device, world_size:
         "memory_bytes": device.memory_bytes, "total_bytes": memory.total,
         "fits": memory.total <= device.memory_bytes,
         "headroom_bytes": device.memory_bytes - memory.total,
+        "host_bytes": memory.host_total,
         "compute_dtype": {2: "bf16" if device.bf16 else "fp16", 4: "fp32"}[setup.compute_bytes],
         "peak_flops": peak, "mfu": used_mfu, "tokens_per_second": tokens_per_second,
-        "hours": hours,
+        "hours": hours, "step": step,
+        # Every device of the run is rented for the whole run.
         "cost": {p: price * world_size * hours for p, price in device.prices.items()}
         if hours is not None else {},
         "cost_per_million_tokens": {p: price * world_size * per_million
@@ -221,7 +277,7 @@ def _knobs(cfg: StropConfig) -> list[tuple[str, dict[str, Any]]]:
     return knobs
 
 
-def _suggestions(cfg: StropConfig, facts: ModelFacts, devices: list[Device], world_size: int,
+def _suggestions(cfg: StropConfig, facts: ModelFacts, devices: list[Device], spread: Layout,
                  sharding: str, run_tokens: float | None, mfu: float | None) -> list[dict]:
     out = []
     for label, update in _knobs(cfg):
@@ -229,7 +285,7 @@ def _suggestions(cfg: StropConfig, facts: ModelFacts, devices: list[Device], wor
         new_facts = facts
         if (changed.uses_lora, changed.load_in_4bit) != (cfg.uses_lora, cfg.load_in_4bit):
             new_facts = model_facts(changed)
-        rows = [_device_row(new_facts, changed, d, world_size, sharding, run_tokens, mfu)
+        rows = [_device_row(new_facts, changed, d, spread, sharding, run_tokens, mfu)
                 for d in devices]
         fitting = [r["device"] for r in rows if r["fits"]]
         out.append({"change": label, "total_bytes": min(r["total_bytes"] for r in rows),
@@ -237,8 +293,8 @@ def _suggestions(cfg: StropConfig, facts: ModelFacts, devices: list[Device], wor
     return out
 
 
-def _assumptions(mfu: float | None) -> list[str]:
-    return [
+def _assumptions(mfu: float | None, setup: Setup) -> list[str]:
+    out = [
         f"time = FLOPs / (peak x MFU); MFU {mfu or GPU_MFU:.0%} on GPUs "
         f"({(mfu or GPU_MFU) / QLORA_SLOWDOWN:.0%} for QLoRA, which dequantizes in every matmul), "
         + (f"{mfu:.0%} of a measured matmul on this CPU" if mfu else
@@ -248,6 +304,18 @@ def _assumptions(mfu: float | None) -> list[str]:
         "dtype; a 4-bit base keeps its other weights in fp32",
         "gradient checkpointing recomputes each layer's forward: its FLOPs are counted in time",
     ]
+    if setup.world_size > 1:
+        out.append("communication: ring collectives at the link's peak bandwidth (NCCL reaches "
+                   "70-90% of it); " + (
+                       "DDP all-reduces the fp32 gradients once per optimizer step (no sync on "
+                       "accumulation micro-batches)" if setup.sharding == "ddp" else
+                       "FSDP2 all-gathers weights as stored in every micro-batch and "
+                       "reduce-scatters the fp32 gradients once per optimizer step") +
+                   "; step time = max(compute, communication): communication overlaps compute")
+    if setup.world_size > 1 and setup.offload_params:
+        out.append("offload_params: the host-device copies and the optimizer step on the CPU "
+                   "are not in the time")
+    return out
 
 
 # ----------------------------------------------------------------------------- text
@@ -272,6 +340,8 @@ def count_text(n: float | None) -> str:
 def _hours(h: float | None) -> str:
     if h is None:
         return "?"
+    if h < 1 / 60:  # a million tokens on many fast GPUs takes seconds
+        return f"{h * 3600:.0f} s"
     if h < 1:
         return f"{h * 60:.0f} min"
     return f"{h:.1f} h" if h < 48 else f"{h / 24:.1f} days"
@@ -299,6 +369,11 @@ def render_text(plan: dict[str, Any]) -> str:
         lines.append(f"  {name:<26} {size_text(value):>12}")
     lines.append(f"  {'total':<26} {size_text(mem['total_bytes']):>12}")
     lines += [f"  note: {n}" for n in mem["notes"]]
+    if mem["host_bytes"]:
+        lines.append(f"  host memory per process {size_text(mem['host_bytes'])} ("
+                     + ", ".join(f"{k} {size_text(v)}" for k, v in mem["host_items"].items())
+                     + f"); {size_text(mem['host_bytes_per_node'])} per node")
+    lines += _distributed_text(plan["distributed"], mem["device"])
     lines += ["", "compute"]
     tokens = comp["tokens_per_epoch"]
     if tokens is None:
@@ -329,7 +404,8 @@ def render_text(plan: dict[str, Any]) -> str:
     if cheap:
         what = (f"${cheap['cost']:,.2f} for the run" if cheap["cost"] is not None
                 else f"${cheap['cost_per_million_tokens']:.3f} per million tokens")
-        lines.append(f"cheapest that fits: {cheap['device']} on {cheap['provider']}, {what}")
+        name = cheap["device"] if cheap["count"] == 1 else f"{cheap['count']} x {cheap['device']}"
+        lines.append(f"cheapest that fits: {name} on {cheap['provider']}, {what}")
     elif plan.get("suggestions") is None:  # it fits, on devices without a price (this CPU)
         fits_on = [r["device"] for r in plan["devices"] if r["fits"]]
         lines.append(f"fits on {', '.join(fits_on)} (no rental price for it)")
@@ -342,6 +418,31 @@ def render_text(plan: dict[str, Any]) -> str:
               "edit or pass --prices FILE"]
     lines += [f"assumes: {a}" for a in plan["assumptions"]]
     return "\n".join(lines)
+
+
+def _distributed_text(dist: dict[str, Any], device: str) -> list[str]:
+    if dist["world_size"] == 1:
+        return []
+    strategy = {"ddp": "DDP", "fsdp": "FSDP2"}[dist["strategy"]]
+    nodes = f"{dist['nodes']} node{'s' if dist['nodes'] > 1 else ''}"
+    options = ""
+    if dist["strategy"] == "fsdp":
+        options = (f", reshard_after_forward {'on' if dist['reshard_after_forward'] else 'off'}"
+                   f", offload_params {'on' if dist['offload_params'] else 'off'}")
+    step = dist["step"]
+    lines = ["", f"distributed  {strategy} ({dist['strategy_from']}) on {dist['world_size']} x "
+             f"{device}, {nodes}{options}",
+             "  sent per device per step  " + ", ".join(
+                 f"{k} {size_text(v)}" for k, v in step["collectives"].items())
+             + f" (total {size_text(step['comm_bytes'])})"]
+    if step["comm_seconds"] is None:
+        lines.append("  communication not timed: no link known for this device (--interconnect)")
+    else:
+        lines.append(f"  over {step['interconnect']} ({step['interconnect_gb_per_s']:g} GB/s): "
+                     f"communication {step['comm_seconds']:.3g} s, compute "
+                     f"{step['compute_seconds']:.3g} s, step {step['seconds']:.3g} s "
+                     f"({step['bound']}-bound; assumes communication overlaps compute)")
+    return lines
 
 
 def round_floats(value: Any) -> Any:
