@@ -283,15 +283,6 @@ def _is_tied_copy(model: nn.Module, key: str, state: dict[str, torch.Tensor]) ->
     return target is not None and any(p is target for k, p in params.items() if k in state)
 
 
-def load_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, adapter: bool,
-                    scaler=None) -> TrainerState:
-    """Weights, optimizer, scheduler and trainer state; the RNG state is restored separately
-    (`restore_rng`), as the very last step of setup, so nothing drawn after it shifts dropout."""
-    load_weights(model, directory, adapter)
-    load_optimizer(directory, optimizer)
-    return load_schedule(directory, scheduler, scaler)
-
-
 def load_optimizer(directory: Path, optimizer, module: nn.Module | None = None) -> None:
     """The optimizer's state; `module` (the FSDP2-sharded model) when each rank holds a shard
     of it: the saved whole state is then cut to this rank's shards."""
@@ -312,14 +303,12 @@ def load_schedule(directory: Path, scheduler, scaler=None) -> TrainerState:
     return TrainerState.from_file(directory / STATE_FILE)
 
 
-def restore_rng(directory: Path, rank: int = 0) -> bool:
-    """This rank's RNG states from the checkpoint; False when it has none for this rank (it was
-    written by fewer processes)."""
+def restore_rng(directory: Path, rank: int = 0) -> None:
+    """This rank's RNG states from the checkpoint; a rank the saving run did not have (it ran
+    on fewer processes) keeps the generators it has."""
     path = directory / rng_file(rank)
-    if not path.exists() and rank > 0:
-        return False
-    set_rng_state(load_state(path))
-    return True
+    if rank == 0 or path.exists():
+        set_rng_state(load_state(path))
 
 
 def parameter_names(optimizer, module: nn.Module) -> list[str]:

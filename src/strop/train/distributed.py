@@ -286,7 +286,8 @@ def full_norm(norm: torch.Tensor) -> float:
 
 def full_state_dicts(module: nn.Module, optimizer, world: World) -> tuple[dict, dict]:
     """The whole model's and optimizer's state on rank 0 (collectives on every rank), in the
-    names and shapes one process would have; the other ranks get empty dicts."""
+    names and shapes one process would have (the model's keys without LossForward's "model."
+    prefix); the other ranks get empty dicts."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -296,4 +297,6 @@ def full_state_dicts(module: nn.Module, optimizer, world: World) -> tuple[dict, 
         model_sd, optim_sd = get_model_state_dict(module, options=options), {}
     else:
         model_sd, optim_sd = get_state_dict(module, optimizer, options=options)
-    return (model_sd, optim_sd) if world.main else ({}, {})
+    if not world.main:
+        return {}, {}
+    return {k.removeprefix("model."): v for k, v in model_sd.items()}, optim_sd

@@ -9,13 +9,6 @@ import sys
 from pathlib import Path
 
 
-def torchrun_command(nproc: int, config: Path, overrides: list[str],
-                     overwrite: bool) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", "-m", "strop", "train", str(config), *overrides,
-            *(["--overwrite"] if overwrite else [])]
-
-
 def torchrun(nproc: int, config: Path, overrides: list[str], overwrite: bool) -> int:
     """Run torchrun on this machine and return its exit status (the first failed rank's)."""
     env = dict(os.environ)
@@ -24,4 +17,7 @@ def torchrun(nproc: int, config: Path, overrides: list[str], overwrite: bool) ->
     env.setdefault("OMP_NUM_THREADS", str(max((os.cpu_count() or 1) // nproc, 1)))
     print(f"starting {nproc} processes: torchrun --standalone --nproc-per-node={nproc} -m strop "
           f"train {config}{' ' + ' '.join(overrides) if overrides else ''}", flush=True)
-    return subprocess.call(torchrun_command(nproc, config, overrides, overwrite), env=env)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "strop", "train", str(config), *overrides,
+               *(["--overwrite"] if overwrite else [])]
+    return subprocess.call(command, env=env)

@@ -174,8 +174,8 @@ def setup(loaded: LoadedConfig, overwrite: bool = False, world: World = SINGLE) 
         loss_model = _compiled(loss_model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    if resume_dir is not None and world.strategy == "fsdp":
-        ckpt.load_weights(model, resume_dir, cfg.uses_lora)  # whole tensors, then sharded
+    if resume_dir is not None:  # whole tensors, before FSDP2 shards them
+        ckpt.load_weights(model, resume_dir, cfg.uses_lora)
     step_module = distributed.wrap(loss_model, cfg, world, precision.device)
     if world.rank:
         torch.manual_seed(cfg.seed + world.rank)  # each rank its own dropout
@@ -204,12 +204,10 @@ def setup(loaded: LoadedConfig, overwrite: bool = False, world: World = SINGLE) 
     scaler = torch.amp.GradScaler(precision.device) if precision.scaler else None
 
     state = ckpt.TrainerState()
-    if resume_dir is not None and world.strategy == "fsdp":
-        ckpt.load_optimizer(resume_dir, optimizer, step_module)
-        state = ckpt.load_schedule(resume_dir, scheduler, scaler)
-    elif resume_dir is not None:
-        state = ckpt.load_checkpoint(resume_dir, model, optimizer, scheduler, cfg.uses_lora, scaler)
     if resume_dir is not None:
+        ckpt.load_optimizer(resume_dir, optimizer,
+                            step_module if world.strategy == "fsdp" else None)
+        state = ckpt.load_schedule(resume_dir, scheduler, scaler)
         print(f"resuming from {resume_dir} at step {state.step}", flush=True)
 
     hf = unwrap(model)
@@ -274,15 +272,10 @@ def evaluate(run: Run) -> dict[str, float]:
     model = run.model
     model.eval()
     total, count = 0.0, 0
-    batches = list(enumerate(run.eval_plan.epoch(0)))
+    batches, _ = _my_batches(run, run.data.eval, list(enumerate(run.eval_plan.epoch(0))),
+                             EVAL_STREAM)
     with torch.no_grad(), run.precision.autocast():
-        for item in distributed.share(run.world, batches):
-            index, indices = item if item is not None else batches[0]
-            rows = _rows(run.data.eval, indices)
-            batch = _to_device(run.collate(rows, generator=batch_generator(run.cfg.seed, EVAL_STREAM, index)),
-                               run.precision.device)
-            if item is None:  # this rank's share is short: a pass that counts nothing
-                batch["labels"].fill_(-100)
+        for batch in batches:
             loss_sum, n = run.step_module(batch)
             total += float(loss_sum.detach())
             count += n
@@ -297,30 +290,36 @@ def _rows(rows: Any, indices) -> list[dict[str, list[int]]]:
     return [rows[int(i)] for i in indices]
 
 
+def _my_batches(run: Run, rows: Any, window: list[tuple[int, Any]],
+                stream: int) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """This rank's share of `window` ((index, row indices) micro-batches) as device batches,
+    and their tokens (padding excluded). A short share is padded (distributed.share) with a
+    pass whose labels are all -100: it trains and counts nothing but keeps the ranks in step.
+    Random choices in collation (masked LM) come from a generator seeded by the batch's place,
+    so a resumed run makes the same ones."""
+    batches, tokens = [], 0
+    for item in distributed.share(run.world, window):
+        index, indices = item or window[0]
+        group = _rows(rows, indices)
+        batch = _to_device(run.collate(group, generator=batch_generator(run.cfg.seed, stream,
+                                                                         index)),
+                           run.precision.device)
+        if item is None:
+            batch["labels"].fill_(-100)
+        else:
+            tokens += sum(len(r["input_ids"]) for r in group)
+        batches.append(batch)
+    return batches, tokens
+
+
 def _train_step(run: Run, window: list[tuple[int, Any]]) -> tuple[float, float, int, int]:
     """One optimizer step over a window of micro-batches.
 
     Returns (loss, grad norm, trained tokens, tokens); a non-finite loss or gradient leaves the
     weights untouched and returns it as is, for the caller to count.
     """
-    device = run.precision.device
-    epoch = run.state.epoch
     world = run.world
-    # This rank's share of the window; None pads a short share (distributed.share).
-    mine = distributed.share(world, window)
-    rows = [_rows(run.data.train, ix) for _, ix in (item or window[0] for item in mine)]
-    tokens = sum(len(r["input_ids"]) for group, item in zip(rows, mine, strict=True) if item
-                 for r in group)  # padding excluded
-    # Random choices in collation (masked LM) come from a generator seeded by the batch's
-    # place, so a resumed run makes the same ones.
-    batches = []
-    for item, group in zip(mine, rows, strict=True):
-        index = (item or window[0])[0]
-        batch = _to_device(run.collate(group, generator=batch_generator(run.cfg.seed, epoch,
-                                                                         index)), device)
-        if item is None:
-            batch["labels"].fill_(-100)  # a pass that trains nothing, to keep ranks in step
-        batches.append(batch)
+    batches, tokens = _my_batches(run, run.data.train, window, run.state.epoch)
     # Normalise by every trained token of the window (of all ranks), not per micro-batch: the
     # same loss and gradients whatever the micro_batch_size x gradient_accumulation_steps x
     # processes split. DDP and FSDP2 average gradients over ranks, hence the world size.
@@ -532,7 +531,6 @@ def _save_checkpoint(run: Run) -> Path:
     weights = optimizer_state = None
     if world.strategy == "fsdp":
         weights, named = distributed.full_state_dicts(run.step_module, run.optimizer, world)
-        weights = _model_keys(weights)
         if world.main:
             optimizer_state = ckpt.by_index(named, run.optimizer, run.step_module)
     rngs = distributed.gather_objects(world, ckpt.rng_state())
@@ -549,10 +547,6 @@ def _save_checkpoint(run: Run) -> Path:
     return Path(distributed.on_main(world, write))
 
 
-def _model_keys(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """LossForward's state dict keys as the trained model's own ("model." dropped)."""
-    return {k.removeprefix("model."): v for k, v in weights.items()}
-
 
 def _finish(run: Run, outcome: Outcome) -> dict[str, Any]:
     """Save what the run produced and say how it ended."""
@@ -564,8 +558,7 @@ def _finish(run: Run, outcome: Outcome) -> dict[str, Any]:
     if not interrupted:
         weights = None
         if run.world.strategy == "fsdp":
-            weights = _model_keys(distributed.full_state_dicts(run.step_module, None,
-                                                               run.world)[0])
+            weights = distributed.full_state_dicts(run.step_module, None, run.world)[0]
 
         def write() -> None:
             ckpt.save_model_files(run.model, run.tokenizer, run.out, run.config_text, weights)
@@ -618,7 +611,7 @@ def train(loaded: LoadedConfig, overwrite: bool = False) -> dict[str, Any]:
         with contextlib.ExitStack() as held:
             # Rank 0 holds output_dir for the whole run; it alone writes there.
             distributed.on_main(world, lambda: held.enter_context(
-                exclusive_output_dir(Path(cfg.output_dir))) and None)
+                exclusive_output_dir(Path(cfg.output_dir))))
             return fit(setup(loaded, overwrite, world))
     except RuntimeError as err:
         if distributed.timed_out(world, err):
