@@ -26,8 +26,7 @@ from typing import Any
 
 from strop.demo import smollm2
 from strop.demo.facts import FactsSpec, question, write_facts_data
-from strop.demo.run import MARKER, OUT, _train, mark_as_demos, stage_configs
-from strop.errors import StropError
+from strop.demo.run import OUT, _train, mark_as_demos, previous_demo, stage_configs
 from strop.infer.metrics import contains, exact_match
 
 REAL_OUT = OUT / "smollm2"
@@ -90,11 +89,8 @@ def scores(answers: list[Answer]) -> dict[str, float]:
 
 def _claim(out: Path, console) -> None:
     """demo-out/smollm2/ is replaced; demo-out/ must be the demos' own (strop demo's marker)."""
-    root = out.parent
-    if root.exists() and any(root.iterdir()) and not (root / MARKER).exists():
-        raise StropError(f"{root}/ exists and was not written by strop demo; move it away or run "
-                         "the demo from another directory")
-    mark_as_demos(root)
+    previous_demo(out.parent)  # refuses a demo-out/ the user wrote
+    mark_as_demos(out.parent)
     if out.exists():
         console.print(f"[dim]replacing the previous real-model demo's files in {out}/[/dim]")
         shutil.rmtree(out)

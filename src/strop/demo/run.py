@@ -60,13 +60,21 @@ class StageResult:
 
 def _claim_output_dir(out: Path, console) -> None:
     """demo-out/ is replaced only when an earlier demo made it; anything else is the user's."""
-    if out.exists() and any(out.iterdir()):
-        if not (out / MARKER).exists():
-            raise StropError(f"{out}/ exists and was not written by strop demo; move it away or "
-                             "run the demo from another directory")
+    if previous_demo(out):
         console.print(f"[dim]replacing the previous demo's files in {out}/[/dim]")
         shutil.rmtree(out)
     mark_as_demos(out)
+
+
+def previous_demo(out: Path) -> bool:
+    """True when an earlier demo wrote `out` (its marker is there), False when it is absent or
+    empty; anything else is the user's, and stops the demo in one line."""
+    if not out.exists() or not any(out.iterdir()):
+        return False
+    if not (out / MARKER).exists():
+        raise StropError(f"{out}/ exists and was not written by strop demo; move it away or run "
+                         "the demo from another directory")
+    return True
 
 
 def mark_as_demos(out: Path) -> None:
