@@ -178,15 +178,11 @@ def _layer_counts(model: nn.Module, cfg: StropConfig, quantize: bool) -> tuple[L
     fsdp_config.transformer_layer_cls_to_wrap names, else of the model's _no_split_modules."""
     import torch.nn as nn
 
+    from strop.model.layers import decoder_layers
+
     named = cfg.fsdp.transformer_layer_cls_to_wrap if cfg.fsdp else None
-    classes = {named} if named else set(_no_split_modules(model))
-    out, inside = [], None
-    for name, module in model.named_modules():
-        if inside is not None and name.startswith(inside + "."):
-            continue  # a listed class nested in another is part of the outer unit
-        if type(module).__name__ not in classes:
-            continue
-        inside = name
+    out = []
+    for _, module in decoder_layers(model, named):
         linear = {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
         params = quantized = added = 0
         for param_name, param in module.named_parameters():
@@ -198,15 +194,6 @@ def _layer_counts(model: nn.Module, cfg: StropConfig, quantize: bool) -> tuple[L
                 quantized += param.numel()
         out.append(LayerCounts(params, quantized, added))
     return tuple(out)
-
-
-def _no_split_modules(model: nn.Module) -> list[str]:
-    # PEFT's wrapper hides the transformers model one or two levels down.
-    for module in model.modules():
-        names = getattr(module, "_no_split_modules", None)
-        if names:
-            return list(names)
-    return []
 
 
 def _unique_params(model: nn.Module):
