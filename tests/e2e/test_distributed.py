@@ -176,6 +176,103 @@ def test_checkpoints_resume_on_another_number_of_processes(work, reference):
     assert losses(work["root"] / "from1") == pytest.approx(losses(reference)[2:], rel=1e-6)
 
 
+SHARDED = {"fsdp_version": 2, "fsdp_config": {"state_dict_type": "SHARDED_STATE_DICT"}}
+
+
+def test_sharded_checkpoints_resume_on_any_number_of_processes(work, reference):
+    # Each rank writes its own shard (torch.distributed.checkpoint, safetensors); the
+    # checkpoint resumes on 2 processes, on 1, and one process's sharded checkpoint on 2.
+    ok(torchrun(config(work, "shard2", save_steps=2, **SHARDED),
+                "--gradient_accumulation_steps", "1"))
+    saved = work["root"] / "shard2" / "checkpoint-2"
+    index = json.loads((saved / "sharded.json").read_text())
+    assert index["world_size"] == 2 and len(index["files"]) == 2
+    assert {p.name for p in (saved / "sharded").iterdir()} == set(index["files"])
+    # nothing but safetensors and JSON holds the weights and optimizer states: no pickle
+    assert not (saved / "optimizer.pt").exists() and not list(saved.rglob(".metadata"))
+    assert {p.name for p in saved.glob("*.pt")} == {"scheduler.pt", "rng.pt", "rng-rank1.pt"}
+    keys = set()
+    for name in index["files"]:
+        keys |= load_file(saved / "sharded" / name).keys()
+    assert any(k.startswith("optimizer.") and k.endswith(".exp_avg") for k in keys)
+    assert any(k.startswith("model.") and k.endswith("q_proj.weight") for k in keys)
+    # the final model is one ordinary file set, the same as with gathered checkpoints
+    assert_same_weights(weights(reference), weights(work["root"] / "shard2"), atol=1e-5)
+
+    ok(torchrun(config(work, "shard2to2", **SHARDED), "--gradient_accumulation_steps", "1",
+                "--resume_from_checkpoint", str(saved)))
+    ok(one_process(config(work, "shard2to1"), "--gradient_accumulation_steps", "2",
+                   "--resume_from_checkpoint", str(saved)))
+    ok(one_process(config(work, "shard1", save_steps=2, **SHARDED),
+                   "--gradient_accumulation_steps", "2"))
+    assert len(json.loads((work["root"] / "shard1" / "checkpoint-2" / "sharded.json")
+                          .read_text())["files"]) == 1
+    ok(torchrun(config(work, "shard1to2", **SHARDED), "--gradient_accumulation_steps", "1",
+                "--resume_from_checkpoint", str(work["root"] / "shard1" / "checkpoint-2")))
+    for name in ("shard2to2", "shard2to1", "shard1to2"):
+        assert_same_weights(weights(reference), weights(work["root"] / name), atol=1e-5)
+        assert losses(work["root"] / name) == pytest.approx(losses(reference)[2:], rel=1e-6)
+
+
+def test_a_damaged_shard_is_named_and_latest_falls_back(work, tmp_path):
+    from strop.train.checkpoint import damage
+
+    ok(torchrun(config(work, "shard-damaged", save_steps=1, max_steps=3, **SHARDED),
+                "--gradient_accumulation_steps", "1"))
+    out = work["root"] / "shard-damaged"
+    newest = sorted(out.glob("checkpoint-*"))[-1]
+    assert damage(newest, adapter=False) is None
+    shard = newest / "sharded" / json.loads((newest / "sharded.json").read_text())["files"][1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert "is damaged" in damage(newest, adapter=False)
+    result = ok(one_process(config(work, "shard-damaged", **SHARDED, max_steps=4),
+                            "--gradient_accumulation_steps", "2",
+                            "--resume_from_checkpoint", "latest"))
+    assert f"skipping {newest.name}: sharded/{shard.name} is damaged" in result.stderr
+    assert "resuming from" in result.stdout and "checkpoint-1 at step 1" in result.stdout
+
+
+def test_lora_sharded_checkpoint_holds_the_adapter_only(work):
+    extra = {**LORA, **SHARDED, "dataset_prepared_path": str(work["root"] / "prepared-lora")}
+    ok(one_process(config(work, "lora-shard-one", **LORA,
+                          dataset_prepared_path=str(work["root"] / "prepared-lora")),
+                   "--gradient_accumulation_steps", "2"))
+    ok(torchrun(config(work, "lora-shard", save_steps=2, **extra),
+                "--gradient_accumulation_steps", "1"))
+    saved = work["root"] / "lora-shard" / "checkpoint-2"
+    keys = set()
+    for name in json.loads((saved / "sharded.json").read_text())["files"]:
+        keys |= load_file(saved / "sharded" / name).keys()
+    model_keys = {k for k in keys if k.startswith("model.")}
+    assert model_keys and all("lora_" in k for k in model_keys)  # the frozen base is not saved
+    ok(one_process(config(work, "lora-shard-to1", **LORA,
+                          dataset_prepared_path=str(work["root"] / "prepared-lora")),
+                   "--gradient_accumulation_steps", "2", "--resume_from_checkpoint", str(saved)))
+    one = work["root"] / "lora-shard-one"
+    for name in ("lora-shard", "lora-shard-to1"):
+        assert_same_weights(weights(one, True), weights(work["root"] / name, True), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_cpu_ram_efficient_loading_trains_what_every_rank_loading_trains(work, reference, mode):
+    # Rank 1 builds the model on the meta device and receives its shards (and the rotary
+    # buffers) from rank 0; the run must equal one process's.
+    adapter = LORA if mode == "lora" else {}
+    prepared = {"dataset_prepared_path": str(work["root"] / f"prepared-{mode}")}
+    fsdp = {"fsdp_version": 2, "fsdp_config": {"cpu_ram_efficient_loading": True}}
+    if mode == "lora":
+        ok(one_process(config(work, "efficient-one", **adapter, **prepared),
+                       "--gradient_accumulation_steps", "2"))
+        one = work["root"] / "efficient-one"
+    else:
+        one = reference
+    ok(torchrun(config(work, f"efficient-{mode}", **adapter, **prepared, **fsdp),
+                "--gradient_accumulation_steps", "1"))
+    two = work["root"] / f"efficient-{mode}"
+    assert losses(two) == pytest.approx(losses(one), rel=1e-6)
+    assert_same_weights(weights(one, bool(adapter)), weights(two, bool(adapter)), atol=1e-5)
+
+
 def _rank_pid(job: subprocess.Popen, rank: int) -> int:
     """The pid of one rank (a child of torchrun) by its RANK variable."""
     for _ in range(600):

@@ -378,15 +378,19 @@ def test_fsdp2_keys_load_in_both_spellings(write_yaml):
     assert cfg.fsdp.transformer_layer_cls_to_wrap == "LlamaDecoderLayer"
     assert cfg.ddp_timeout == 60
     assert load_config(write_yaml(BASE)).cfg.fsdp is None  # DDP when several processes run
+    assert not cfg.sharded_checkpoints
+    sharded = load_config(write_yaml(BASE + "fsdp_version: 2\nfsdp_config:\n"
+                                     "  fsdp_state_dict_type: SHARDED_STATE_DICT\n"
+                                     "  fsdp_cpu_ram_efficient_loading: true\n")).cfg
+    assert sharded.sharded_checkpoints and sharded.fsdp.cpu_ram_efficient_loading
 
 
 @pytest.mark.parametrize("extra, expected", [
     ("fsdp_version: 1\n", "fsdp_version: 1 (FSDP1) is not supported"),
     ("fsdp_config: {offload_params: true}\n", "fsdp_config is set but fsdp_version is not"),
-    ("fsdp_version: 2\nfsdp_config: {state_dict_type: SHARDED_STATE_DICT}\n",
-     "SHARDED_STATE_DICT (torch.distributed.checkpoint shards) is not built yet"),
-    ("fsdp_version: 2\nfsdp_config: {cpu_ram_efficient_loading: true}\n",
-     "cpu_ram_efficient_loading is not built yet"),
+    ("load_in_4bit: true\nadapter: qlora\nlora_target_linear: true\nfsdp_version: 2\n"
+     "fsdp_config: {cpu_ram_efficient_loading: true}\n",
+     "cpu_ram_efficient_loading is not built for a 4-bit or 8-bit base"),
     ("fsdp_version: 2\nfsdp_config: {fsdp_activation_checkpointing: true}\n",
      "set gradient_checkpointing: true"),
     ("fsdp_version: 2\nddp_find_unused_parameters: true\n",

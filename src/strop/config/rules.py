@@ -224,15 +224,13 @@ def _distributed(cfg: StropConfig) -> list[Violation]:
         if cfg.fsdp_config is not None and getattr(cfg.fsdp_config, key) is not None:
             out.append(Violation(("fsdp_config",), f"fsdp_config.{key} is an FSDP1 option and "
                                  f"strop shards with FSDP2 ({fix}); remove it"))
-    if cfg.fsdp_config is not None and cfg.fsdp_config.cpu_ram_efficient_loading:
+    if cfg.fsdp_config is not None and cfg.fsdp_config.cpu_ram_efficient_loading \
+            and (cfg.load_in_4bit or cfg.load_in_8bit):
+        # The other ranks build the model on the meta device and receive rank 0's tensors;
+        # a bitsandbytes base keeps its quantization state outside the tensors that travel.
         out.append(Violation(("fsdp_config",), "fsdp_config.cpu_ram_efficient_loading is not "
-                             "built yet: every rank reads the whole model, then keeps its shard; "
-                             "remove it (or set it to false)"))
-    if cfg.fsdp_config is not None and cfg.fsdp_config.state_dict_type == "SHARDED_STATE_DICT":
-        out.append(Violation(("fsdp_config",), "fsdp_config.state_dict_type: SHARDED_STATE_DICT "
-                             "(torch.distributed.checkpoint shards) is not built yet; use "
-                             "FULL_STATE_DICT, gathered on rank 0, which resumes on any number of "
-                             "processes"))
+                             "built for a 4-bit or 8-bit base (load_in_4bit / load_in_8bit): "
+                             "every rank quantizes its own copy; remove it (or set it to false)"))
     if cfg.fsdp_config is not None and cfg.fsdp_config.activation_checkpointing \
             and not cfg.gradient_checkpointing:
         out.append(Violation(("fsdp_config",), "fsdp_config.activation_checkpointing: strop has "

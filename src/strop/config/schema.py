@@ -126,12 +126,13 @@ class FsdpConfig(_Strict):
         description="Keep the sharded parameters, gradients and optimizer states in CPU memory")
     cpu_ram_efficient_loading: bool = Field(
         False, alias="fsdp_cpu_ram_efficient_loading",
-        description="Only rank 0 reads the weights; the others get theirs from it")
+        description="Only rank 0 reads the weights; the others build the model on the meta "
+                    "device and receive their shards from it (not for a 4-bit or 8-bit base)")
     state_dict_type: Literal["FULL_STATE_DICT", "SHARDED_STATE_DICT"] = Field(
         "FULL_STATE_DICT", alias="fsdp_state_dict_type",
         description="Checkpoints as one ordinary file set gathered on rank 0 (FULL_STATE_DICT) or "
-                    "one shard per rank with torch.distributed.checkpoint (SHARDED_STATE_DICT); "
-                    "either resumes on any number of processes")
+                    "one shard per rank with torch.distributed.checkpoint in safetensors "
+                    "(SHARDED_STATE_DICT); either resumes on any number of processes")
     auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP"] = Field(
         "TRANSFORMER_BASED_WRAP", alias="fsdp_auto_wrap_policy",
         description="Shard by decoder layer (the only policy strop uses)")
@@ -480,6 +481,11 @@ class StropConfig(_Strict):
         if self.fsdp_version == 2 or (self.fsdp_config and self.fsdp_config.version == 2):
             return self.fsdp_config or FsdpConfig()
         return None
+
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """Checkpoints written by every rank, one shard each (FSDP2, SHARDED_STATE_DICT)."""
+        return self.fsdp is not None and self.fsdp.state_dict_type == "SHARDED_STATE_DICT"
 
     @property
     def compile_model(self) -> bool:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from strop.config.schema import StropConfig
 
 def load_model(cfg: StropConfig, tokenizer: Any, device: str = "cpu",
-               dtype: torch.dtype | None = None) -> PreTrainedModel:
+               dtype: torch.dtype | None = None, *, skeleton: bool = False) -> PreTrainedModel:
     """The model of this config on `device`, its floating-point weights in `dtype` (default fp32).
 
     - base_model set: pretrained weights (the class from model_type, else AutoModelForCausalLM,
@@ -34,13 +34,19 @@ def load_model(cfg: StropConfig, tokenizer: Any, device: str = "cpu",
       its vocabulary sized to the tokenizer.
     Embeddings grow when the tokenizer has more tokens than the model (new rows at the mean
     embedding). An attention implementation that is not available here falls back to sdpa.
+
+    skeleton: the same model on the meta device, no weights read or initialised: the ranks other
+    than 0 under fsdp_config.cpu_ram_efficient_loading, which receive their shards from rank 0.
     """
     import torch
 
     dtype = dtype or torch.float32
     device = _resolve_device(device)
     attention = available_attention(cfg.attention, device)
-    if cfg.from_scratch:
+    if skeleton:
+        model = _with_attention_fallback(
+            lambda impl: build_skeleton(cfg, tokenizer, dtype, impl), attention)
+    elif cfg.from_scratch:
         model = _with_attention_fallback(
             lambda impl: build_from_scratch(cfg, tokenizer, dtype, impl), attention)
         model.to(device)
@@ -190,6 +196,19 @@ def from_pretrained(cls, source: str, *, dtype: torch.dtype, device: str = "cpu"
                          "directory") from None
 
 
+def build_skeleton(cfg: StropConfig, tokenizer: Any, dtype: torch.dtype,
+                   attention: str) -> PreTrainedModel:
+    """The model's architecture on the meta device: shapes and dtypes, no memory, no file read
+    but the config."""
+    import torch
+
+    from strop.model.meta import resolve_model_config
+
+    hf_config = scratch_config(cfg, tokenizer) if cfg.from_scratch else resolve_model_config(cfg)
+    with torch.device("meta"):
+        return _instantiate(model_class(cfg), hf_config, dtype, attention, cfg.trust_remote_code)
+
+
 def _check_local_path(source: str, key: str) -> None:
     """A value that is clearly a path (./x, /x, ~/x) but does not exist: say so, not 'hub'."""
     if source.startswith(("/", "./", "../", "~")) and not Path(source).expanduser().exists():
@@ -232,13 +251,16 @@ def build_from_scratch(cfg: StropConfig, tokenizer: Any, dtype: torch.dtype,
     # randomness data preparation or tokenizer training consumed first.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        if hasattr(cls, "from_config"):
-            model = cls.from_config(hf_config, dtype=dtype, attn_implementation=attention,
-                                    trust_remote_code=cfg.trust_remote_code)
-        else:
-            hf_config._attn_implementation = attention
-            model = cls(hf_config).to(dtype)
-    return model
+        return _instantiate(cls, hf_config, dtype, attention, cfg.trust_remote_code)
+
+
+def _instantiate(cls, hf_config: PretrainedConfig, dtype: torch.dtype, attention: str,
+                 trust_remote_code: bool) -> PreTrainedModel:
+    if hasattr(cls, "from_config"):
+        return cls.from_config(hf_config, dtype=dtype, attn_implementation=attention,
+                               trust_remote_code=trust_remote_code)
+    hf_config._attn_implementation = attention
+    return cls(hf_config).to(dtype)
 
 
 # ------------------------------------------------------------------------------------ vocabulary

@@ -3,7 +3,8 @@
 A checkpoint is `output_dir/checkpoint-<step>/`: the model (only the adapter under LoRA) as
 safetensors, optimizer.pt, scheduler.pt, rng.pt (python, numpy, torch and CUDA generators),
 trainer_state.json (step, epoch, position in the epoch, best eval loss, counters) and the
-resolved config. It is written to `.tmp-checkpoint-<step>` and renamed: the rename is atomic, so
+resolved config. A sharded checkpoint (strop.train.sharded) holds every rank's shard of the
+weights and optimizer states instead of the model files and optimizer.pt. It is written to `.tmp-checkpoint-<step>` and renamed: the rename is atomic, so
 `checkpoint-*` directories are always complete.
 """
 
@@ -78,11 +79,20 @@ def damage(directory: Path, adapter: bool) -> str | None:
 
     from safetensors import safe_open
 
-    weights = ["adapter_model.safetensors"] if adapter else \
-        sorted(p.name for p in directory.glob("*.safetensors"))
-    if not weights:
-        return "it holds no model weights (*.safetensors)"
-    for name in [*weights, "optimizer.pt", "scheduler.pt", "rng.pt", STATE_FILE]:
+    from strop.train import sharded  # it builds on this module
+
+    if sharded.is_sharded(directory):
+        weights, archives = [], ["scheduler.pt", "rng.pt"]
+        why = sharded.damage(directory)
+        if why:
+            return why
+    else:
+        weights = ["adapter_model.safetensors"] if adapter else \
+            sorted(p.name for p in directory.glob("*.safetensors"))
+        archives = ["optimizer.pt", "scheduler.pt", "rng.pt"]
+        if not weights:
+            return "it holds no model weights (*.safetensors)"
+    for name in [*weights, *archives, STATE_FILE]:
         if not (directory / name).is_file():
             return f"{name} is missing"
     try:
@@ -95,7 +105,7 @@ def damage(directory: Path, adapter: bool) -> str | None:
                 f.keys()
         except Exception as err:  # safetensors raises its own error types for damaged files
             return f"{name} is damaged ({first_line(err, 80)})"
-    for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
+    for name in archives:
         try:
             with zipfile.ZipFile(directory / name) as archive:
                 archive.namelist()
@@ -173,22 +183,37 @@ def rng_file(rank: int) -> str:
     return "rng.pt" if rank == 0 else f"rng-rank{rank}.pt"
 
 
+def temporary_dir(output_dir: Path, step: int) -> Path:
+    """Where checkpoint-<step> is written before the rename that makes it whole."""
+    return output_dir / f".tmp-checkpoint-{step}"
+
+
 def save_checkpoint(output_dir: Path, model: nn.Module, tokenizer: Any, optimizer, scheduler,
                     state: TrainerState, config_text: str, scaler=None, *,
                     weights: dict[str, torch.Tensor] | None = None,
                     optimizer_state: dict[str, Any] | None = None,
-                    rng_states: list[dict[str, Any]] | None = None) -> Path:
+                    rng_states: list[dict[str, Any]] | None = None,
+                    shards: dict[str, Any] | None = None) -> Path:
     """A checkpoint, written to a temporary directory and renamed when whole. Under several
     processes rank 0 writes it, from the gathered `weights` / `optimizer_state` (FSDP2) and
-    every rank's `rng_states`."""
+    every rank's `rng_states`; or, with `shards` (strop.train.sharded's index), around the
+    shards every rank has already written to the temporary directory."""
+    from strop.train import sharded  # it builds on this module
+
     final = output_dir / f"checkpoint-{state.step}"
-    tmp = output_dir / f".tmp-checkpoint-{state.step}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary_dir(output_dir, state.step)
+    if shards is None:
+        shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir(parents=True)
-        save_model_files(model, tokenizer, tmp, config_text, weights)
-        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(),
-                   tmp / "optimizer.pt")
+        tmp.mkdir(parents=True, exist_ok=shards is not None)
+        if shards is None:
+            save_model_files(model, tokenizer, tmp, config_text, weights)
+            torch.save(optimizer_state if optimizer_state is not None else
+                       optimizer.state_dict(), tmp / "optimizer.pt")
+        else:
+            tokenizer.save_pretrained(tmp)
+            (tmp / CONFIG_FILE).write_text(config_text)
+            (tmp / sharded.INDEX).write_text(json.dumps(shards, indent=2))
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         for rank, rng in enumerate(rng_states or [rng_state()]):
             torch.save(rng, tmp / rng_file(rank))

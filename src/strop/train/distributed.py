@@ -234,11 +234,18 @@ def wrap(loss_model: Any, cfg: StropConfig, world: World, device: str) -> nn.Mod
             kwargs["device_ids"] = [torch.cuda.current_device()]
         return DistributedDataParallel(module, **kwargs)
     if world.strategy == "fsdp":
-        return _fully_shard(module, loss_model, cfg, device)
+        return _fully_shard(module, loss_model, cfg, world, device)
     return module
 
 
-def _fully_shard(module: LossForward, loss_model: Any, cfg: StropConfig, device: str) -> nn.Module:
+def builds_skeleton(cfg: StropConfig, world: World) -> bool:
+    """Whether this rank builds the model on the meta device and receives its shard from rank 0
+    (fsdp_config.cpu_ram_efficient_loading): one copy of the weights read, not one per rank."""
+    return world.strategy == "fsdp" and cfg.fsdp.cpu_ram_efficient_loading and not world.main
+
+
+def _fully_shard(module: LossForward, loss_model: Any, cfg: StropConfig, world: World,
+                 device: str) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -259,18 +266,39 @@ def _fully_shard(module: LossForward, loss_model: Any, cfg: StropConfig, device:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     hf = unwrap(loss_model.model)
     layers = _decoder_layers(hf, options.transformer_layer_cls_to_wrap)
+    # Rank 0's whole tensors, kept until they are dealt out below.
+    whole = module.state_dict() if options.cpu_ram_efficient_loading and world.main else {}
     for layer in layers:
         fully_shard(layer, **kwargs)
     # The root: embeddings, final norm and the output head (tied or not) in one group, which
     # LossForward's forward gathers before the decoder runs.
     fully_shard(module, **kwargs)
+    if options.cpu_ram_efficient_loading:
+        _from_rank0(module, whole, world, device)
     return module
 
 
+def _from_rank0(module: nn.Module, whole: dict[str, torch.Tensor], world: World,
+                device: str) -> None:
+    """Each rank's shards from rank 0's whole tensors (the other ranks' are on the meta device
+    until now), and every buffer from rank 0: those outside the state dict (rotary
+    frequencies) exist nowhere else."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if not world.main:
+        module.to_empty(device=device)
+    set_model_state_dict(module, whole, options=StateDictOptions(full_state_dict=True,
+                                                                 broadcast_from_rank0=True))
+    for _, buffer in module.named_buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def _decoder_layers(hf: nn.Module, class_name: str | None) -> list[nn.Module]:
-    names = {class_name} if class_name else set(getattr(hf, "_no_split_modules", None) or [])
-    layers = [m for m in hf.modules() if type(m).__name__ in names]
+    from strop.model.layers import decoder_layers
+
+    layers = [module for _, module in decoder_layers(hf, class_name)]
     if not layers:
+        names = {class_name} if class_name else set(getattr(hf, "_no_split_modules", None) or [])
         found = sorted({type(m).__name__ for m in hf.modules() if "Layer" in type(m).__name__})
         raise StropError(f"fsdp_config.transformer_layer_cls_to_wrap: no "
                          f"{' / '.join(sorted(names)) or 'decoder layer class'} in this model; "

@@ -27,7 +27,7 @@ from strop.config.schema import StropConfig
 from strop.data.batches import batch_generator
 from strop.errors import StropError
 from strop.train import checkpoint as ckpt
-from strop.train import distributed
+from strop.train import distributed, sharded
 from strop.train.distributed import SINGLE, World
 from strop.train.forward import LossModel, unwrap
 from strop.train.log import MetricsLog, QuietLog, peak_memory_bytes
@@ -158,7 +158,8 @@ def setup(loaded: LoadedConfig, overwrite: bool = False, world: World = SINGLE) 
         tokenizer = load_tokenizer(cfg)
         data = prepare_data(cfg, tokenizer)
     weights_dtype = precision.frozen_weights if cfg.uses_lora else torch.float32
-    model = load_model(cfg, tokenizer, precision.device, weights_dtype)
+    skeleton = distributed.builds_skeleton(cfg, world)  # its weights come from rank 0
+    model = load_model(cfg, tokenizer, precision.device, weights_dtype, skeleton=skeleton)
     if cfg.uses_lora:
         from strop.adapters.lora import apply_lora
 
@@ -174,8 +175,8 @@ def setup(loaded: LoadedConfig, overwrite: bool = False, world: World = SINGLE) 
         loss_model = _compiled(loss_model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    if resume_dir is not None:  # whole tensors, before FSDP2 shards them
-        ckpt.load_weights(model, resume_dir, cfg.uses_lora)
+    if resume_dir is not None and not skeleton and not sharded.is_sharded(resume_dir):
+        ckpt.load_weights(model, resume_dir, cfg.uses_lora)  # whole, before FSDP2 shards them
     step_module = distributed.wrap(loss_model, cfg, world, precision.device)
     if world.rank:
         torch.manual_seed(cfg.seed + world.rank)  # each rank its own dropout
@@ -205,8 +206,11 @@ def setup(loaded: LoadedConfig, overwrite: bool = False, world: World = SINGLE) 
 
     state = ckpt.TrainerState()
     if resume_dir is not None:
-        ckpt.load_optimizer(resume_dir, optimizer,
-                            step_module if world.strategy == "fsdp" else None)
+        if sharded.is_sharded(resume_dir):  # the weights too, each rank its own shard
+            sharded.load(resume_dir, step_module, optimizer, cfg.uses_lora)
+        else:
+            ckpt.load_optimizer(resume_dir, optimizer,
+                                step_module if world.strategy == "fsdp" else None)
         state = ckpt.load_schedule(resume_dir, scheduler, scaler)
         print(f"resuming from {resume_dir} at step {state.step}", flush=True)
 
@@ -525,11 +529,15 @@ def _evaluate_and_maybe_stop(run: Run, log: MetricsLog, final: bool = False) -> 
 
 
 def _save_checkpoint(run: Run) -> Path:
-    """Every rank takes part (FSDP2 gathers the shards, every rank's RNG states are collected);
-    rank 0 writes, in the format one process writes, so any number of processes resumes it."""
+    """Every rank takes part (FSDP2 gathers the shards, or each rank writes its own; every
+    rank's RNG states are collected); rank 0 writes the rest. Either format resumes on any
+    number of processes."""
     world = run.world
-    weights = optimizer_state = None
-    if world.strategy == "fsdp":
+    weights = optimizer_state = shards = None
+    if run.cfg.sharded_checkpoints:  # each rank writes its own shard
+        shards = sharded.save(run.out, run.state.step, run.step_module, run.optimizer,
+                              run.cfg.uses_lora, world)
+    elif world.strategy == "fsdp":
         weights, named = distributed.full_state_dicts(run.step_module, run.optimizer, world)
         if world.main:
             optimizer_state = ckpt.by_index(named, run.optimizer, run.step_module)
@@ -539,7 +547,7 @@ def _save_checkpoint(run: Run) -> Path:
         path = ckpt.save_checkpoint(run.out, run.model, run.tokenizer, run.optimizer,
                                     run.scheduler, run.state, run.config_text, run.scaler,
                                     weights=weights, optimizer_state=optimizer_state,
-                                    rng_states=rngs)
+                                    rng_states=rngs, shards=shards)
         keep = {run.state.best_checkpoint} if run.state.best_checkpoint else set()
         ckpt.prune(run.out, run.cfg.save_total_limit, keep)
         return path

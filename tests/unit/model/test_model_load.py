@@ -43,6 +43,25 @@ def test_pretrained_directory_loads_its_weights(tiny_model_dir):
     assert model.config._attn_implementation == "sdpa"
 
 
+@pytest.mark.parametrize("scratch", [False, True])
+def test_a_skeleton_is_the_same_model_on_the_meta_device(tiny_model_dir, tok, scratch):
+    # what the ranks other than 0 build under fsdp_config.cpu_ram_efficient_loading
+    from transformers import AutoTokenizer
+
+    if scratch:
+        cfg, tokenizer = scratch_cfg("llama"), tok
+    else:
+        base = tiny_model_dir("llama")
+        cfg, tokenizer = cfg_of(base_model=str(base)), AutoTokenizer.from_pretrained(base)
+    real = load_model(cfg, tokenizer, dtype=torch.bfloat16)
+    skeleton = load_model(cfg, tokenizer, dtype=torch.bfloat16, skeleton=True)
+    assert type(skeleton) is type(real)
+    shapes = {n: (p.shape, p.dtype) for n, p in real.named_parameters()}
+    assert {n: (p.shape, p.dtype) for n, p in skeleton.named_parameters()} == shapes
+    assert all(p.is_meta for p in skeleton.parameters())
+    assert all(b.is_meta for b in skeleton.buffers())
+
+
 def test_masked_lm_objective_and_model_type_pick_the_class(tiny_model_dir):
     from transformers import AutoTokenizer
 
