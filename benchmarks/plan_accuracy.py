@@ -2,7 +2,7 @@
 
 For tiny Llama models of several sizes, trained full, LoRA and QLoRA, each with and without
 gradient checkpointing, it predicts the peak memory (strop.plan) and measures it in a fresh
-process (strop.plan.measure: peak resident-set growth on CPU, max_memory_allocated on CUDA),
+process (strop.train.measure: peak resident-set growth on CPU, max_memory_allocated on CUDA),
 then prints the table. Targets (issue 6): memory within +-10%, CPU throughput within +-25%.
 
     .venv/bin/python benchmarks/plan_accuracy.py            # the full matrix (a few minutes)
@@ -21,8 +21,8 @@ from pathlib import Path
 from strop.config.load import load_dict
 from strop.plan.cpu_speed import cpu_step_seconds
 from strop.plan.estimate import model_facts, setup_for
-from strop.plan.measure import Case, run_case
 from strop.plan.memory import estimate_memory
+from strop.train.measure import Case, run_case
 
 MiB = 2**20
 
@@ -45,10 +45,14 @@ def llama(sizes: dict) -> dict:
 
 def predict(case: Case, device: str = "cpu") -> tuple[float, float]:
     """(predicted peak bytes, predicted tokens/s on this CPU) for a harness case."""
+    from strop.device import detect
+
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_dict(case.strop_config(Path(tmp) / "config.json")).cfg
         facts = model_facts(cfg)
-    setup = setup_for(cfg, device, bf16_supported=case.bf16, hf_config=facts.hf_config)
+    # what this machine's device can do; the case's bf16 is what its config asks for
+    setup = setup_for(cfg, device, bf16_supported=detect().bf16_supported(device),
+                      hf_config=facts.hf_config)
     memory = estimate_memory(facts.shape, facts.params, setup)
     timing = cpu_step_seconds(facts.shape, facts.params, setup)  # what strop plan shows on CPU
     return memory.total, timing.tokens_per_second(setup.tokens)

@@ -4,13 +4,13 @@ Same tiny Llama as train_speed.py (~34M: hidden 512, 8 layers, 8 heads, 4 kv hea
 intermediate 1408, vocab 8192), full fine-tuning in bf16 autocast with fused AdamW, rows of
 exactly 1024 random tokens, micro-batch 4. Each contender runs in its own process:
 
-- strop: `strop train` on the rows (strop.plan.measure builds the run; median step speed after
+- strop: `strop train` on the rows (strop.train.measure builds the run; median step speed after
   the first step), and the same with `compile: true`;
 - plain: the HF model's own forward with labels (full logits, HF's loss), backward, step;
 - plain + torch.compile: the same loop with the model compiled (the compile time is excluded).
 
 MFU = training FLOPs per token (6N + 12 L T q, PaLM's convention, which counts the whole T x T
-attention square; strop.plan.math) x tokens/s / the bf16 matmul peak of this CPU. The peak is a
+attention square; strop.recipe.math) x tokens/s / the bf16 matmul peak of this CPU. The peak is a
 2048^3 bf16 matmul, best of several bursts, measured before and after the runs (the higher is
 used: a busy neighbour only ever lowers it). The causal-only figure counts half the attention.
 
@@ -54,7 +54,7 @@ def matmul_peak(size: int = 2048, bursts: int = 5) -> float:
 
 
 def run_strop(compiled: bool) -> float:
-    from strop.plan.measure import Case, run_case
+    from strop.train.measure import Case, run_case
 
     case = Case(name="strop", model_config=MODEL, mode="full", seq_len=SEQ, micro_batch=MICRO,
                 steps=STEPS + (2 if compiled else 0), trim_heap=False, compile=compiled)
@@ -111,8 +111,8 @@ def main() -> None:
 
     from transformers import AutoConfig
 
-    from strop.plan.math import attention_forward_flops_per_token, training_flops_per_token
-    from strop.plan.shape import model_shape
+    from strop.recipe.math import attention_forward_flops_per_token, training_flops_per_token
+    from strop.recipe.shape import model_shape
 
     data = dict(MODEL)
     config = AutoConfig.for_model(data.pop("model_type"), **data)

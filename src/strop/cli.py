@@ -98,8 +98,8 @@ def train(
 @app.command(context_settings=OVERRIDES)
 def preprocess(ctx: typer.Context, config: Path = typer.Argument(..., help="YAML config file")):
     """Tokenize, mask and pack the datasets once into dataset_prepared_path."""
+    from strop.commands.data import preprocess as run_preprocess
     from strop.config import load_config
-    from strop.data.commands import preprocess as run_preprocess
 
     run_preprocess(load_config(config, ctx.args).cfg)
 
@@ -146,7 +146,7 @@ def inspect(
     every_layer: bool = typer.Option(False, "--all", help="List every layer's keys one by one"),
 ):
     """List a model's modules and state_dict keys and suggest LoRA targets (no weights loaded)."""
-    from strop.model.inspect import inspect_target, render
+    from strop.commands.inspect import inspect_target, render
 
     result = inspect_target(target, every_layer=every_layer)
     if as_json:
@@ -171,7 +171,7 @@ def data_check(
                                      "responses (default), or only report them"),
 ):
     """Lint a dataset: size, duplicates, truncation, masking, EOS trained."""
-    from strop.data.commands import data_check as run_check
+    from strop.commands.data import data_check as run_check
 
     run_check(target, type_, tokenizer, sequence_len, show, as_json, png, strict)
 

@@ -58,6 +58,18 @@ def test_mistral_qlora_text_report(cli):
     assert "RTX 4090" in out and "this CPU" in out and "cheapest that fits:" in out
 
 
+def test_a_gpu_config_plans_for_an_h100_on_a_laptop(cli, write_yaml, tiny_model_dir):
+    # device: cuda and bf16: true describe the GPU the run is for, not this machine
+    cfg = write_yaml(f"base_model: {tiny_model_dir('llama')}\ndatasets: [{{path: d.jsonl, "
+                     "type: alpaca}]\nlearning_rate: 1.0e-4\ndevice: cuda\nbf16: true\n"
+                     "sequence_len: 256\n")
+    result = cli("plan", cfg, "--gpu", "H100", "--json")
+    assert result.code == 0, result.err
+    plan = json.loads(result.out)
+    assert plan["setup"]["device"].startswith("H100") and plan["setup"]["compute_bytes"] == 2
+    assert plan["memory"]["items"]["cuda_context"] > 0  # a GPU's memory, planned here
+
+
 def test_this_cpu_alone_says_it_fits_and_times_the_step(cli, write_yaml, tiny_model_dir):
     cfg = write_yaml(f"""
 base_model: {tiny_model_dir("llama")}

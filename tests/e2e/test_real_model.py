@@ -209,7 +209,7 @@ def test_qlora_gradients_on_the_real_weights_match_a_dequantized_reference(smoll
 def test_plan_memory_within_ten_percent_of_the_measured_peak(smollm2_dir):
     from benchmarks.plan_accuracy import predict
 
-    from strop.plan.measure import Case, run_case
+    from strop.train.measure import Case, run_case
 
     config = json.loads((smollm2_dir / "config.json").read_text())
     case = Case(name="smollm2-lora", model_config=config, mode="lora", lora_r=16, seq_len=256,

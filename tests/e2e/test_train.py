@@ -116,6 +116,18 @@ def test_fine_tuning_modes_write_the_expected_files(mode, tiny_model_dir, alpaca
     from strop.config import load_config
 
     assert load_config(out / "strop-config.yml").cfg.adapter == (None if mode == "full" else mode)
+    if mode != "full":
+        # The loop counts parameters as the adapter report does: a 4-bit base by its logical
+        # shapes, not its packed bytes.
+        import re
+
+        summary = json.loads((out / "summary.json").read_text())
+        reported = re.search(r"trainable parameters: ([\d,]+) of ([\d,]+)", result.out)
+        assert reported, result.out
+        assert (summary["trainable_params"], summary["total_params"]) == \
+            tuple(int(n.replace(",", "")) for n in reported.groups())
+        assert f"training {summary['trainable_params']:,} of {summary['total_params']:,}" \
+            in result.out
 
 
 def test_masked_lm_from_scratch_trains(corpus, tmp_path):
@@ -304,3 +316,18 @@ def test_an_unfinished_run_asks_to_resume_or_overwrite(tiny_model_dir, alpaca, t
     (out / "summary.json").unlink()  # as if it had been killed after its checkpoints
     result = cli("train", cfg)
     assert result.code == 2 and "resume_from_checkpoint latest" in result.err
+
+
+def test_a_missing_optional_logger_is_named_before_any_weight_loads(tiny_model_dir, alpaca,
+                                                                    tmp_path, cli):
+    from importlib.util import find_spec
+
+    if find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    out = tmp_path / "tb"
+    cfg = write_config(tmp_path / "tb.yml", sft(tiny_model_dir("llama"), alpaca, out,
+                                                use_tensorboard=True))
+    result = cli("train", cfg)
+    assert result.code != 0 and "use_tensorboard: true needs the tensorboard package" in result.err
+    assert not out.exists()  # nothing written, nothing loaded
+

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from strop.errors import StropError, first_line
+from strop.model.quantize import parameter_count
 
 if TYPE_CHECKING:
     import torch.nn as nn
@@ -66,21 +67,6 @@ class AdapterReport:
                      f"fine-tuning would train {self.base_params:,}")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
-
-
-def parameter_count(model: nn.Module, trainable_only: bool = False) -> int:
-    """Parameters as the model has them, a bitsandbytes 4-bit weight counted by its logical
-    shape (its storage packs two values per byte)."""
-    total = 0
-    for param in model.parameters():
-        if trainable_only and not param.requires_grad:
-            continue
-        state = getattr(param, "quant_state", None)
-        if param.__class__.__name__ == "Params4bit" and state is not None:
-            total += math.prod(state.shape)
-        else:
-            total += param.numel()
-    return total
 
 
 def apply_lora(model: nn.Module, cfg: StropConfig) -> tuple[PeftModel, AdapterReport]:

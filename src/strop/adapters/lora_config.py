@@ -45,11 +45,6 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, types)]
 
 
-def linear_suffix_counts(model: nn.Module) -> Counter[str]:
-    """How many linear layers end in each suffix: {'q_proj': 32, 'k_proj': 32, ...}."""
-    return Counter(name.rsplit(".", 1)[-1] for name in linear_module_names(model))
-
-
 def resolve_targets(model: nn.Module, cfg: StropConfig) -> list[str]:
     """Full names of the modules LoRA will wrap; an error when the targets match nothing."""
     heads = output_head_names(model)

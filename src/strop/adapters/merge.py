@@ -106,10 +106,9 @@ def _raw_adapter_key(path: Path) -> Any:
 def _run_config(source: Path) -> StropConfig:
     from strop.config import load_config
 
-    # Merging needs the model keys only; precision and device keys are neutralised so a run
-    # trained on a GPU (bf16: true, device: cuda) merges on a laptop without a bf16 unit.
-    neutral = ["--bf16", "false", "--fp16", "false", "--device", "auto"]
-    return load_config(source / CONFIG_FILE, neutral).cfg
+    # The config's rules do not look at the machine, so a run trained on a GPU (bf16: true,
+    # device: cuda) merges on a laptop.
+    return load_config(source / CONFIG_FILE).cfg
 
 
 def check_output_dir(out: Path, source: Path, overwrite: bool) -> None:

@@ -20,16 +20,6 @@ def json_schema() -> dict[str, Any]:
     return schema
 
 
-def _type_name(annotation: Any) -> str:
-    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
-    text = text or str(annotation)
-    for noise in ("typing.", "strop.config.schema.", "strop.config.datasets.", "NoneType",
-                  "Annotated[", ", FieldInfo"):
-        text = text.replace(noise, "")
-    text = text.replace("Literal", "").replace(" | ", " or ").replace("[", "(").replace("]", ")")
-    return text.strip(" or").replace("()", "").replace("'", "")
-
-
 def _default(info: Any) -> str:
     if info.is_required():
         return "required"

@@ -191,17 +191,6 @@ def _precision(cfg: StropConfig) -> list[Violation]:
     if cfg.bf16 is True and cfg.fp16:
         out.append(Violation(("bf16", "fp16"), "bf16 and fp16 are both true; choose one (bf16 where "
                              "the device has it)"))
-    if cfg.bf16 is True or cfg.device == "cuda":
-        from strop.device import detect
-
-        caps = detect()
-        if cfg.device == "cuda" and not caps.cuda:
-            out.append(Violation(("device",), "device: cuda but no CUDA GPU is visible; use device: "
-                                 "auto (or cpu)"))
-        elif cfg.bf16 is True and not caps.bf16_supported(cfg.device):
-            where = "GPU" if caps.resolve(cfg.device) == "cuda" else f"CPU ({caps.cpu_name})"
-            out.append(Violation(("bf16",), f"bf16: true, but this {where} has no native bf16; set "
-                                 "bf16: auto (bf16 only where supported) or bf16: false"))
     return out
 
 

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +98,9 @@ def eval_loss(loaded: Loaded, batch_size: int = 16) -> dict[str, float | int] | 
     cfg = loaded.cfg
     if cfg is None or not (cfg.val_set_size or cfg.test_datasets):
         return None
-    import torch
-
     from strop.data import prepare_data
     from strop.data.batches import BatchPlan, batch_generator, make_collator
+    from strop.train.evaluate import EVAL_STREAM, evaluation_loss
     from strop.train.forward import LossModel
 
     data = prepare_data(cfg, loaded.tokenizer)
@@ -112,18 +110,13 @@ def eval_loss(loaded: Loaded, batch_size: int = 16) -> dict[str, float | int] | 
     collate = make_collator(cfg, loaded.tokenizer)
     loss_model = LossModel.of(loaded.model, cfg.objective)
     device = next(loaded.model.parameters()).device
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for index, indices in enumerate(plan.epoch(0)):
-            # The same masking stream as training's evaluation (masked LM draws at random).
-            batch = collate([data.eval[int(i)] for i in indices],
-                            generator=batch_generator(cfg.seed, 1_000_000, index))
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss_sum, n = loss_model.loss_sum(batch)
-            total += float(loss_sum)
-            count += n
-    loss = total / max(count, 1)
-    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+    batches = ({k: v.to(device) for k, v in collate(
+        [data.eval[int(i)] for i in indices],
+        generator=batch_generator(cfg.seed, EVAL_STREAM, index)).items()}
+        for index, indices in enumerate(plan.epoch(0)))
+    result = evaluation_loss(loaded.model, loss_model.loss_sum, batches)
+    return {"eval_loss": result["eval_loss"], "perplexity": result["eval_ppl"],
+            "tokens": result["eval_tokens"]}
 
 
 def _require_lm_eval() -> None:

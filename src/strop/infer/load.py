@@ -48,7 +48,7 @@ def run_dir_of(target: Path) -> Path:
                              "directory or the run's YAML config")
         from strop.config import load_config
 
-        out = Path(load_config(target, _NEUTRAL).cfg.output_dir)
+        out = Path(load_config(target).cfg.output_dir)
         if not out.is_absolute():
             out = (target.parent / out) if not out.exists() else out
         if not out.is_dir():
@@ -58,17 +58,12 @@ def run_dir_of(target: Path) -> Path:
     return target
 
 
-# Inference needs the model keys only; precision and device keys are neutralised so a run trained
-# on a GPU (bf16: true, device: cuda) loads on a laptop without a bf16 unit.
-_NEUTRAL = ["--bf16", "false", "--fp16", "false", "--device", "auto"]
-
-
 def run_config(run: Path) -> StropConfig | None:
     if not (run / CONFIG_FILE).is_file():
         return None
     from strop.config import load_config
 
-    return load_config(run / CONFIG_FILE, _NEUTRAL).cfg
+    return load_config(run / CONFIG_FILE).cfg
 
 
 def load_for_inference(target: Path | str, device: str = "cpu", dtype: torch.dtype | None = None,

@@ -72,16 +72,11 @@ def _resolve_device(device: str) -> str:
 
 def available_attention(requested: str, device: str) -> str:
     """`requested`, or sdpa (with a one-line warning) when it cannot run here."""
-    from transformers.utils import (
-        is_flash_attn_2_available,
-        is_flash_attn_3_available,
-        is_torch_flex_attn_available,
-    )
+    from transformers.utils import is_torch_flex_attn_available
 
     reason = None
     if requested in ("flash_attention_2", "flash_attention_3"):
-        installed = is_flash_attn_2_available() if requested == "flash_attention_2" \
-            else is_flash_attn_3_available()
+        installed = flash_installed(requested)
         if device != "cuda":
             reason = f"it needs a CUDA GPU and this run is on {device}"
         elif not installed:
@@ -96,6 +91,15 @@ def available_attention(requested: str, device: str) -> str:
         return requested
     _warn(f"attn_implementation {requested} is not available ({reason}); using sdpa instead")
     return "sdpa"
+
+
+def flash_installed(requested: str) -> bool:
+    """The flash-attn package that attn_implementation `requested` needs is installed."""
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    if requested == "flash_attention_2":
+        return is_flash_attn_2_available()
+    return requested == "flash_attention_3" and is_flash_attn_3_available()
 
 
 def _with_attention_fallback(build, attention: str):
@@ -202,11 +206,17 @@ def build_skeleton(cfg: StropConfig, tokenizer: Any, dtype: torch.dtype,
     but the config."""
     import torch
 
+    with torch.device("meta"):
+        return _instantiate(model_class(cfg), architecture(cfg, tokenizer), dtype, attention,
+                            cfg.trust_remote_code)
+
+
+def architecture(cfg: StropConfig, tokenizer: Any) -> PretrainedConfig:
+    """The config of the model a run trains, read before any weight: base_model's (with the
+    config's overrides), or the one built from scratch."""
     from strop.model.meta import resolve_model_config
 
-    hf_config = scratch_config(cfg, tokenizer) if cfg.from_scratch else resolve_model_config(cfg)
-    with torch.device("meta"):
-        return _instantiate(model_class(cfg), hf_config, dtype, attention, cfg.trust_remote_code)
+    return scratch_config(cfg, tokenizer) if cfg.from_scratch else resolve_model_config(cfg)
 
 
 def _check_local_path(source: str, key: str) -> None:

@@ -69,21 +69,19 @@ def import_bitsandbytes():
 
 
 def compute_dtype(cfg: StropConfig, device: str) -> torch.dtype:
-    """dtype of the 4-bit matmuls: bnb_4bit_compute_dtype, else bf16 when the run uses bf16
-    (bf16: true, or auto on a device with native bf16), fp16 for an fp16 run on a GPU, else fp32."""
+    """dtype of the 4-bit matmuls: bnb_4bit_compute_dtype, else what the run computes in
+    (strop.recipe.precision: bf16 where the config asks and the device has it, fp16 for an
+    fp16 run on a GPU, else fp32)."""
     import torch
 
     from strop.device import detect
+    from strop.recipe.precision import decide_precision
 
     explicit = cfg.bnb_4bit["bnb_4bit_compute_dtype"]
     if explicit:
         return getattr(torch, _DTYPES[explicit])
     caps = detect()
-    if cfg.bf16 is True or (cfg.bf16 == "auto" and not cfg.fp16 and caps.bf16_supported(device)):
-        return torch.bfloat16
-    if cfg.fp16 and caps.resolve(device) == "cuda":
-        return torch.float16
-    return torch.float32
+    return decide_precision(cfg, caps, caps.resolve(device)).compute
 
 
 def bnb_config(cfg: StropConfig, device: str) -> BitsAndBytesConfig | None:
@@ -110,6 +108,23 @@ def bnb_config(cfg: StropConfig, device: str) -> BitsAndBytesConfig | None:
         bnb_4bit_compute_dtype=compute_dtype(cfg, device),
         **extra,
     )
+
+
+def parameter_count(model: nn.Module, trainable_only: bool = False) -> int:
+    """Parameters as the model has them, a bitsandbytes 4-bit weight counted by its logical
+    shape (its storage packs two values per byte)."""
+    import math
+
+    total = 0
+    for param in model.parameters():
+        if trainable_only and not param.requires_grad:
+            continue
+        state = getattr(param, "quant_state", None)
+        if param.__class__.__name__ == "Params4bit" and state is not None:
+            total += math.prod(state.shape)
+        else:
+            total += param.numel()
+    return total
 
 
 def quantized_linear_layers(model: nn.Module) -> list[nn.Module]:

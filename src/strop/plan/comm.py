@@ -22,10 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from strop.errors import StropError
-from strop.plan import math as tm
-from strop.plan.hardware import read_json
 from strop.plan.memory import Setup, weight_bytes
 from strop.plan.params import ParamCounts
+from strop.recipe import math as tm
+from strop.recipe.hardware import read_json
 
 
 @dataclass(frozen=True)

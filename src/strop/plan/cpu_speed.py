@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from strop.plan.memory import Setup
 from strop.plan.params import ParamCounts
-from strop.plan.shape import ModelShape
+from strop.recipe.shape import ModelShape
 
 PROBE_FLOPS = 2e9      # largest matmul probed at full size; bigger ones run on fewer tokens
 PROBE_ELEMENTS = 16_000_000  # largest tensor a probe allocates; bigger ones are probed in part

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from strop.plan import math as tm
 from strop.plan.memory import Setup
 from strop.plan.params import ParamCounts, count_params
-from strop.plan.shape import ModelShape, model_shape
+from strop.recipe import math as tm
+from strop.recipe.shape import ModelShape, model_shape
 
 if TYPE_CHECKING:
     from strop.config.schema import StropConfig
@@ -72,15 +72,6 @@ def _architecture(cfg: StropConfig) -> Any:
     return hf_config
 
 
-def compute_bytes_for(cfg: StropConfig, device: str, bf16_supported: bool) -> int:
-    """2 when the run computes in bf16 or fp16 under autocast, 4 in plain fp32."""
-    if cfg.fp16 and device == "cuda":
-        return 2
-    if cfg.bf16 == "auto":
-        return 2 if bf16_supported else 4
-    return 2 if cfg.bf16 else 4
-
-
 def resolve_sharding(cfg: StropConfig, sharding: str | None) -> str:
     """--sharding when given, else what the config asks: fsdp under fsdp_version: 2, else ddp."""
     if sharding is not None:
@@ -99,25 +90,23 @@ def setup_for(cfg: StropConfig, device: str = "cuda", bf16_supported: bool = Tru
     plans FSDP2 with fsdp_config's defaults.
     """
     from strop.config.schema import FsdpConfig
-    from strop.model.attention import supports_varlen
-    from strop.train.lean_activations import lean_parts, used_for
-    from strop.train.loss import LOSS_CHUNK_ROWS
+    from strop.device import DeviceCaps
+    from strop.recipe.decide import decide_setup
 
-    causal = cfg.objective == "causal_lm"
-    plain_head = causal and not any(getattr(hf_config.get_text_config(), key, None)
-                                    for key in ("final_logit_softcapping", "logit_scale"))
-    mask_free = causal and supports_varlen(hf_config, cfg.sequence_len)
-    lean_norms, lean_swiglu = lean_parts(hf_config) if used_for(cfg) else (False, False)
     sharding = resolve_sharding(cfg, sharding)
     fsdp = (cfg.fsdp or FsdpConfig()) if sharding == "fsdp" else FsdpConfig()
+    # The device of this row, not this machine: a GPU of the table on a laptop.
+    caps = DeviceCaps(cuda=device == "cuda", cuda_bf16=bf16_supported, cpu_bf16=bf16_supported,
+                      cpu_name="")
+    decided = decide_setup(cfg, caps, hf_config, device,
+                           strategy=sharding if world_size > 1 else "single")
     return Setup(
         mode=training_mode(cfg),
         micro_batch=cfg.micro_batch_size,
         seq_len=cfg.sequence_len,
-        compute_bytes=compute_bytes_for(cfg, device, bf16_supported),
+        compute_bytes=decided.precision.compute_bytes,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        attention=cfg.attention if device == "cuda" or not cfg.attention.startswith("flash")
-        else "sdpa",  # flash attention needs a GPU; strop falls back to SDPA elsewhere
+        attention=decided.attention,
         optimizer=cfg.optimizer,
         sgd_momentum=cfg.sgd_momentum,
         lora_dropout=cfg.uses_lora and cfg.lora_dropout > 0,
@@ -128,12 +117,12 @@ def setup_for(cfg: StropConfig, device: str = "cuda", bf16_supported: bool = Tru
         reshard_after_forward=fsdp.reshard_after_forward,
         accumulation=cfg.gradient_accumulation_steps,
         offload_params=sharding == "fsdp" and fsdp.offload_params,
-        masked=not mask_free and (cfg.sample_packing or bool(cfg.pad_to_sequence_len)
-                                  or cfg.micro_batch_size > 1),
-        fused_loss=plain_head,
-        logits_chunk=LOSS_CHUNK_ROWS if causal else None,
-        lean_norms=lean_norms,
-        lean_swiglu=lean_swiglu,
+        masked=not decided.mask_free and (cfg.sample_packing or bool(cfg.pad_to_sequence_len)
+                                          or cfg.micro_batch_size > 1),
+        fused_loss=decided.fused_loss,
+        logits_chunk=decided.logits_chunk,
+        lean_norms=decided.lean_norms,
+        lean_swiglu=decided.lean_swiglu,
     )
 
 

@@ -32,9 +32,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from strop.plan import math as tm
 from strop.plan.params import LayerCounts, ParamCounts
-from strop.plan.shape import ModelShape
+from strop.recipe import math as tm
+from strop.recipe.shape import ModelShape
 
 MiB = 2**20
 GiB = 2**30

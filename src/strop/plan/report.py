@@ -24,10 +24,10 @@ from strop.plan.estimate import (
     setup_for,
     training_mode,
 )
-from strop.plan.hardware import Device, find_gpu, gpu_table, load_prices, this_cpu
-from strop.plan.math import nf4_bits_per_param
 from strop.plan.memory import GiB, Setup, estimate_memory
 from strop.plan.tokens import TokenEstimate, estimate_tokens
+from strop.recipe.hardware import Device, find_gpu, gpu_table, load_prices, this_cpu
+from strop.recipe.math import nf4_bits_per_param
 
 if TYPE_CHECKING:
     from strop.config.schema import StropConfig

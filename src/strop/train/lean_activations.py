@@ -28,30 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Classes whose forward is exactly transformers' LlamaRMSNorm / LlamaMLP (checked by a test
-# against each class's own forward).
-NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm",
-         "GraniteRMSNorm"}
-MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GraniteMLP"}
-CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
-                "phi3": "Phi3", "granite": "Granite"}
-
-
-def used_for(cfg) -> bool:
-    """Whether a run trains with the lean modules: not under torch.compile (its graphs free
-    intermediates on their own) nor with gradient checkpointing (which keeps only each layer's
-    input, and whose saved-tensor hooks the SwiGLU's would hide inside down_proj)."""
-    return not cfg.compile_model and not cfg.gradient_checkpointing
-
-
-def _silu(config) -> bool:
-    return getattr(config, "hidden_act", None) in ("silu", "swish")
-
-
-def lean_parts(config) -> tuple[bool, bool]:
-    """(norms, SwiGLU): which lean modules a model of this config trains with (for the plan)."""
-    prefix = CLASS_PREFIX.get(getattr(config, "model_type", None), "")
-    return f"{prefix}RMSNorm" in NORMS, f"{prefix}MLP" in MLPS and _silu(config)
+from strop.recipe.decide import LEAN_MLPS, LEAN_NORMS, silu_mlp
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -151,9 +128,9 @@ class LeanSwiGLU(nn.Module):
 
 def _lean_version(module: nn.Module, config) -> nn.Module | None:
     name = type(module).__name__
-    if name in NORMS and hasattr(module, "variance_epsilon"):
+    if name in LEAN_NORMS and hasattr(module, "variance_epsilon"):
         return LeanRMSNorm(module)
-    if name in MLPS and _silu(config):
+    if name in LEAN_MLPS and silu_mlp(config):
         return LeanSwiGLU(module)
     return None
 

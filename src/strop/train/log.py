@@ -37,6 +37,19 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def check_loggers(cfg: StropConfig) -> None:
+    """The optional loggers the config asks for are installed: checked before any weight
+    loads, not when the first metrics are written."""
+    from importlib.util import find_spec
+
+    if cfg.use_tensorboard and find_spec("tensorboard") is None:
+        raise StropError("use_tensorboard: true needs the tensorboard package; "
+                         "pip install tensorboard (or set use_tensorboard: false)")
+    if cfg.wandb_project and find_spec("wandb") is None:
+        raise StropError("wandb_project is set but the wandb package is not installed; "
+                         "pip install wandb (or remove wandb_project)")
+
+
 class MetricsLog:
     def __init__(self, cfg: StropConfig, output_dir: Path, total_steps: int, start_step: int,
                  resumed: bool):
@@ -68,20 +81,14 @@ class MetricsLog:
 
     @staticmethod
     def _tensorboard(cfg: StropConfig, output_dir: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise StropError("use_tensorboard: true needs the tensorboard package; "
-                             "pip install tensorboard (or set use_tensorboard: false)") from None
+        from torch.utils.tensorboard import SummaryWriter
+
         return SummaryWriter(log_dir=str(output_dir / "runs"))
 
     @staticmethod
     def _wandb_run(cfg: StropConfig, output_dir: Path):
-        try:
-            import wandb
-        except ImportError:
-            raise StropError("wandb_project is set but the wandb package is not installed; "
-                             "pip install wandb (or remove wandb_project)") from None
+        import wandb
+
         return wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=cfg.wandb_name,
                           id=cfg.wandb_run_id, mode=cfg.wandb_mode or "online",
                           dir=str(output_dir), resume="allow",

@@ -11,120 +11,35 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from strop import runtime
 from strop.config.load import LoadedConfig
-from strop.config.schema import StropConfig
-from strop.data.batches import batch_generator
 from strop.errors import StropError
+from strop.recipe.precision import Precision
 from strop.train import checkpoint as ckpt
 from strop.train import distributed, sharded
+from strop.train.compile_cache import compiled
 from strop.train.distributed import SINGLE, World
+from strop.train.evaluate import EVAL_STREAM, evaluation_loss
 from strop.train.forward import LossModel, unwrap
-from strop.train.log import MetricsLog, QuietLog, peak_memory_bytes
+from strop.train.log import MetricsLog, QuietLog, check_loggers, peak_memory_bytes
 from strop.train.loss import count_trained_tokens
 from strop.train.optim import build_optimizer
-from strop.train.precision import Precision, resolve_precision
+from strop.train.output_dir import prepare_output_dir
+from strop.train.run import Run, my_batches, run_summary
 from strop.train.schedule import Schedule, warmup_steps_for
 from strop.train.signals import GracefulStop
-
-
-@dataclass
-class Run:
-    """Everything setup builds; the loop only reads it (and updates `state`)."""
-
-    cfg: StropConfig
-    config_text: str  # the resolved config, saved beside every checkpoint
-    out: Path
-    precision: Precision
-    tokenizer: Any
-    loss_model: LossModel
-    data: Any  # strop.data.PreparedData
-    train_plan: Any  # strop.data.batches.BatchPlan
-    eval_plan: Any | None
-    collate: Any
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler | None
-    steps_per_epoch: int
-    total_steps: int
-    eval_every: int | None
-    save_every: int | None
-    log_every: int
-    flops_per_token: float
-    peak_flops: float | None
-    state: ckpt.TrainerState
-    resumed_from: Path | None
-    trainable_params: int
-    total_params: int
-    world: World = SINGLE
-    # What forward and backward run through: the loss as a module, inside DDP or FSDP2 when
-    # several processes train (strop.train.distributed).
-    step_module: nn.Module | None = None
-
-    @property
-    def model(self) -> nn.Module:
-        return self.loss_model.model
-
+from strop.train.speedups import training_speedups
 
 # ------------------------------------------------------------------------------------------ setup
-
-
-def _prepare_output_dir(cfg: StropConfig, out: Path, overwrite: bool) -> Path | None:
-    """Protect finished and unfinished runs; return the checkpoint to resume from, if any."""
-    ckpt.remove_partial(out)
-    found = ckpt.checkpoints(out)
-    resume = cfg.resume_from_checkpoint
-    if resume:
-        if resume == "latest":
-            if not found:
-                raise StropError(f"resume_from_checkpoint: latest, but {out} holds no checkpoint; "
-                                 "remove it to start a new run")
-            return _newest_whole(found, cfg.uses_lora)
-        path = Path(resume)
-        if not (path / ckpt.STATE_FILE).exists():
-            raise StropError(f"resume_from_checkpoint: {resume} is not a strop checkpoint "
-                             f"(no {ckpt.STATE_FILE}); give a checkpoint-N directory or 'latest'")
-        why = ckpt.damage(path, cfg.uses_lora)
-        if why:
-            raise StropError(f"resume_from_checkpoint: {resume} cannot be resumed: {why}; give "
-                             "another checkpoint-N, or 'latest' for the newest whole one")
-        return path
-    if cfg.auto_resume_from_checkpoints and found and not overwrite:
-        return _newest_whole(found, cfg.uses_lora)
-    finished = (out / "summary.json").exists()
-    if (finished or found) and not overwrite:
-        what = "a finished run" if finished else f"an unfinished run ({found[-1].name})"
-        fix = "" if finished else "continue it with --resume_from_checkpoint latest, or "
-        raise StropError(f"output_dir {out} holds {what}; {fix}pass --overwrite to replace it, "
-                         "or choose another output_dir")
-    if overwrite and out.exists():
-        for path in [*found, out / "summary.json", out / "metrics.jsonl", out / "runs"]:
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-    return None
-
-
-def _newest_whole(found: list[Path], adapter: bool) -> Path:
-    """The newest checkpoint that is whole; each newer damaged one is named with its damage."""
-    for path in reversed(found):
-        why = ckpt.damage(path, adapter)
-        if why is None:
-            return path
-        print(f"warning: skipping {path.name}: {why}", file=sys.stderr, flush=True)
-    raise StropError(f"no checkpoint in {found[0].parent} can be resumed (each is damaged, see "
-                     "the warnings above); start again with --overwrite")
 
 
 def _every(steps_per_epoch: int, steps: int | None, per_epoch: int | None) -> int | None:
@@ -136,28 +51,41 @@ def _every(steps_per_epoch: int, steps: int | None, per_epoch: int | None) -> in
 
 
 def setup(loaded: LoadedConfig, overwrite: bool = False, world: World = SINGLE) -> Run:
+    import warnings
+
     from transformers import set_seed
 
     from strop.config.show import render_resolved
     from strop.data import prepare_data
     from strop.data.batches import BatchPlan, make_collator
-    from strop.model.load import load_model
+    from strop.device import detect
+    from strop.model.load import architecture, flash_installed, load_model
+    from strop.model.quantize import parameter_count
     from strop.model.tokenizer import load_tokenizer
-    from strop.plan.math import training_flops_per_token
+    from strop.recipe.decide import decide_setup
+    from strop.recipe.math import training_flops_per_token
+    from strop.recipe.precision import run_device
 
     cfg = loaded.cfg
     out = Path(cfg.output_dir)
     # Rank 0 alone touches output_dir; every rank resumes from the checkpoint it chose.
-    resume_dir = distributed.on_main(world, lambda: _prepare_output_dir(cfg, out, overwrite))
+    resume_dir = distributed.on_main(world, lambda: prepare_output_dir(cfg, out, overwrite))
     set_seed(cfg.seed)  # the same on every rank: the same initial weights and adapter
-    precision = resolve_precision(cfg)
 
     # A tokenizer trained for a from-scratch run is saved in output_dir and reused on resume.
     # Rank 0 first: it trains that tokenizer and fills the prepared-data cache the others read.
     with distributed.main_first(world):
         tokenizer = load_tokenizer(cfg)
         data = prepare_data(cfg, tokenizer)
-    weights_dtype = precision.frozen_weights if cfg.uses_lora else torch.float32
+    caps = detect()
+    decisions = decide_setup(cfg, caps, architecture(cfg, tokenizer), run_device(cfg, caps),
+                             strategy=world.strategy,
+                             flash_installed=flash_installed(cfg.attention))
+    precision = decisions.precision
+    if precision.note:
+        warnings.warn(precision.note, UserWarning, stacklevel=2)
+    # fp32 master weights; a frozen base under LoRA in the compute dtype
+    weights_dtype = precision.compute if cfg.uses_lora else torch.float32
     skeleton = distributed.builds_skeleton(cfg, world)  # its weights come from rank 0
     model = load_model(cfg, tokenizer, precision.device, weights_dtype, skeleton=skeleton)
     if cfg.uses_lora:
@@ -172,9 +100,11 @@ def setup(loaded: LoadedConfig, overwrite: bool = False, world: World = SINGLE) 
             gradient_checkpointing_kwargs={"use_reentrant": cfg.checkpointing_reentrant})
     loss_model = LossModel.of(model, cfg.objective)
     if cfg.compile_model:
-        loss_model = _compiled(loss_model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+        loss_model = compiled(loss_model)
+    # logical shapes: a 4-bit base counts its values, not its packed bytes (as the adapter
+    # report does)
+    trainable = parameter_count(model, trainable_only=True)
+    total = parameter_count(model)
     if resume_dir is not None and not skeleton and not sharded.is_sharded(resume_dir):
         ckpt.load_weights(model, resume_dir, cfg.uses_lora)  # whole, before FSDP2 shards them
     step_module = distributed.wrap(loss_model, cfg, world, precision.device)
@@ -222,7 +152,7 @@ def setup(loaded: LoadedConfig, overwrite: bool = False, world: World = SINGLE) 
                                      trainable_params=trainable, total_params=total)
     eval_every = _every(steps_per_epoch, cfg.eval_steps, cfg.evals_per_epoch) \
         if eval_plan is not None else None
-    run = Run(cfg=cfg, config_text=render_resolved(loaded), out=out, precision=precision,
+    run = Run(cfg=cfg, config_text=render_resolved(loaded), out=out, decisions=decisions,
                tokenizer=tokenizer, loss_model=loss_model, data=data, train_plan=train_plan,
                eval_plan=eval_plan, collate=make_collator(cfg, tokenizer),
                optimizer=optimizer, scheduler=scheduler, scaler=scaler,
@@ -240,23 +170,8 @@ def setup(loaded: LoadedConfig, overwrite: bool = False, world: World = SINGLE) 
     return run
 
 
-def _compiled(loss_model: LossModel) -> LossModel:
-    from strop.train.compile_cache import enable_persistent_cache
-
-    enable_persistent_cache()  # before the first compile reads the cache location
-    # dynamic=None: the first graph is specialised to the first batch's shape and only a
-    # shape change recompiles it with that dimension symbolic. Packed rows padded to
-    # sequence_len keep one shape and keep the faster static graph (full fine-tuning of the
-    # benchmark Llama at 4 x 1024, one run each: 1183 tokens/s static, 1132 dynamic).
-    if loss_model.decoder is not None:
-        loss_model.decoder = torch.compile(loss_model.decoder, dynamic=None)
-    else:
-        loss_model.model = torch.compile(loss_model.model, dynamic=None)
-    return loss_model
-
-
 def _peak_flops(precision: Precision) -> float | None:
-    from strop.plan.hardware import device_peak_flops
+    from strop.recipe.hardware import device_peak_flops
 
     return device_peak_flops(precision.device, precision.name)
 
@@ -264,56 +179,13 @@ def _peak_flops(precision: Precision) -> float | None:
 # ------------------------------------------------------------------------------------------- loop
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-EVAL_STREAM = 1_000_000  # the "epoch" of evaluation batches' random choices (masked LM)
-
-
 def evaluate(run: Run) -> dict[str, float]:
-    """Token-weighted eval loss and perplexity over the whole eval split, dropout off."""
-    model = run.model
-    model.eval()
-    total, count = 0.0, 0
-    batches, _ = _my_batches(run, run.data.eval, list(enumerate(run.eval_plan.epoch(0))),
+    """Token-weighted eval loss and perplexity over the whole eval split (each rank its
+    share), dropout off."""
+    batches, _ = my_batches(run, run.data.eval, list(enumerate(run.eval_plan.epoch(0))),
                              EVAL_STREAM)
-    with torch.no_grad(), run.precision.autocast():
-        for batch in batches:
-            loss_sum, n = run.step_module(batch)
-            total += float(loss_sum.detach())
-            count += n
-    total, count = distributed.all_sum(run.world, total, count)
-    count = int(count)
-    model.train()
-    loss = total / max(count, 1)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
-
-
-def _rows(rows: Any, indices) -> list[dict[str, list[int]]]:
-    return [rows[int(i)] for i in indices]
-
-
-def _my_batches(run: Run, rows: Any, window: list[tuple[int, Any]],
-                stream: int) -> tuple[list[dict[str, torch.Tensor]], int]:
-    """This rank's share of `window` ((index, row indices) micro-batches) as device batches,
-    and their tokens (padding excluded). A short share is padded (distributed.share) with a
-    pass whose labels are all -100: it trains and counts nothing but keeps the ranks in step.
-    Random choices in collation (masked LM) come from a generator seeded by the batch's place,
-    so a resumed run makes the same ones."""
-    batches, tokens = [], 0
-    for item in distributed.share(run.world, window):
-        index, indices = item or window[0]
-        group = _rows(rows, indices)
-        batch = _to_device(run.collate(group, generator=batch_generator(run.cfg.seed, stream,
-                                                                         index)),
-                           run.precision.device)
-        if item is None:
-            batch["labels"].fill_(-100)
-        else:
-            tokens += sum(len(r["input_ids"]) for r in group)
-        batches.append(batch)
-    return batches, tokens
+    return evaluation_loss(run.model, run.step_module, batches, run.precision.autocast(),
+                           run.world)
 
 
 def _train_step(run: Run, window: list[tuple[int, Any]]) -> tuple[float, float, int, int]:
@@ -323,7 +195,7 @@ def _train_step(run: Run, window: list[tuple[int, Any]]) -> tuple[float, float, 
     weights untouched and returns it as is, for the caller to count.
     """
     world = run.world
-    batches, tokens = _my_batches(run, run.data.train, window, run.state.epoch)
+    batches, tokens = my_batches(run, run.data.train, window, run.state.epoch)
     # Normalise by every trained token of the window (of all ranks), not per micro-batch: the
     # same loss and gradients whatever the micro_batch_size x gradient_accumulation_steps x
     # processes split. DDP and FSDP2 average gradients over ranks, hence the world size.
@@ -370,6 +242,20 @@ class Outcome:
     reason: str  # "completed", "early_stopping", "signal", "non_finite", "loss_watchdog"
     message: str = ""
 
+    @property
+    def stopped(self) -> bool:
+        return self.reason != "completed"
+
+
+@dataclass
+class SinceLog:
+    """What the steps since the last logged one trained (finite steps only)."""
+
+    loss_sum: float = 0.0  # loss x trained tokens, summed
+    trained: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
 
 def fit(run: Run) -> dict[str, Any]:
     cfg, state = run.cfg, run.state
@@ -382,48 +268,20 @@ def fit(run: Run) -> dict[str, Any]:
                 f"on {run.precision.device}, {runtime.active_allocator()}")
     run.model.train()
     outcome = Outcome("completed")
-    speedups = _training_speedups(run)
-    window_loss, window_tokens, window_trained, window_time = 0.0, 0, 0, 0.0
+    since_log = SinceLog()
     try:
-        with GracefulStop() as stop, speedups:
-            while state.step < run.total_steps and outcome.reason == "completed":
-                windows = _windows(run, state.epoch)
-                for window in windows[state.window_in_epoch:]:
-                    started = time.perf_counter()
-                    loss, grad_norm, trained, tokens = _train_step(run, window)
-                    elapsed = time.perf_counter() - started
-                    state.step += 1
-                    state.window_in_epoch += 1
-                    state.train_seconds += elapsed
-                    outcome = _check_step(run, loss, grad_norm)
-                    if math.isfinite(loss):
-                        state.tokens += tokens
-                        state.trained_tokens += trained
-                        window_loss += loss * trained
-                        window_trained += trained
-                        window_tokens += tokens
-                        window_time += elapsed
-                    if state.step % run.log_every == 0 or state.step == run.total_steps:
-                        _log_train(run, log, grad_norm, window_loss, window_trained, window_tokens,
-                                   window_time)
-                        window_loss, window_tokens, window_trained, window_time = 0.0, 0, 0, 0.0
-                    else:
-                        log.advance(state.step)
-                    if outcome.reason == "completed" and run.eval_every and \
-                            state.step % run.eval_every == 0 and state.step < run.total_steps:
-                        outcome = _evaluate_and_maybe_stop(run, log)
-                    # A signal to one rank stops them all, at the same step.
-                    signalled = distributed.any_rank(run.world, stop.requested is not None)
-                    if signalled and outcome.reason == "completed":
-                        outcome = Outcome("signal", f"stopped by {stop.requested or 'SIGTERM'}")
-                    if run.save_every and state.step % run.save_every == 0 \
-                            and state.step < run.total_steps and outcome.reason == "completed":
-                        _save_checkpoint(run)
-                    if state.step >= run.total_steps or outcome.reason != "completed":
-                        break
-                else:
-                    state.epoch += 1
-                    state.window_in_epoch = 0
+        with GracefulStop() as stop, training_speedups(run):
+            for window in _remaining_windows(run):
+                outcome, since_log = _step(run, window, log, since_log)
+                # A signal to one rank stops them all, at the same step.
+                if distributed.any_rank(run.world, stop.requested is not None) \
+                        and not outcome.stopped:
+                    outcome = Outcome("signal", f"stopped by {stop.requested or 'SIGTERM'}")
+                if run.save_every and state.step % run.save_every == 0 \
+                        and state.step < run.total_steps and not outcome.stopped:
+                    _save_checkpoint(run)
+                if state.step >= run.total_steps or outcome.stopped:
+                    break
             if outcome.reason in ("completed", "early_stopping") and run.eval_plan is not None \
                     and not _evaluated_at(state, state.step):
                 _evaluate_and_maybe_stop(run, log, final=True)
@@ -432,27 +290,41 @@ def fit(run: Run) -> dict[str, Any]:
     return _finish(run, outcome)
 
 
-def _training_speedups(run: Run) -> contextlib.ExitStack:
-    """Settings that make training faster without changing its result, undone afterwards so
-    the saved model and later generation see the model as loaded."""
-    from strop.model.attention import supports_varlen, varlen_attention
-    from strop.train import lean_activations
+def _remaining_windows(run: Run) -> Iterator[list[tuple[int, Any]]]:
+    """The optimizer steps still to train, epoch after epoch, from where the state stands (a
+    resumed run continues inside its epoch). The caller stops at total_steps."""
+    state = run.state
+    while state.step < run.total_steps:
+        yield from _windows(run, state.epoch)[state.window_in_epoch:]
+        state.epoch += 1
+        state.window_in_epoch = 0
 
-    stack = contextlib.ExitStack()
-    hf = unwrap(run.model)
-    if run.loss_model.decoder is not None and supports_varlen(hf.config, run.cfg.sequence_len):
-        stack.enter_context(varlen_attention(hf))
-    # Not under FSDP2: the lean modules hold the norms' parameters themselves, and FSDP2 swaps
-    # sharded and gathered parameters on the modules that held them when it sharded.
-    if lean_activations.used_for(run.cfg) and run.world.strategy != "fsdp":
-        stack.enter_context(lean_activations.lean_activations(hf))
-    if run.cfg.uses_lora and run.precision.compute != torch.float32:
-        # PEFT casts each LoRA input to the adapter's fp32 and autocast casts it back to bf16
-        # for the matmul: two copies of every activation for nothing under autocast.
-        from peft.helpers import disable_input_dtype_casting
 
-        stack.enter_context(disable_input_dtype_casting(run.model))
-    return stack
+def _step(run: Run, window: list[tuple[int, Any]], log: MetricsLog,
+          since_log: SinceLog) -> tuple[Outcome, SinceLog]:
+    """Train one optimizer step, count it, log it when due, evaluate when due."""
+    state = run.state
+    started = time.perf_counter()
+    loss, grad_norm, trained, tokens = _train_step(run, window)
+    elapsed = time.perf_counter() - started
+    state.step += 1
+    state.window_in_epoch += 1
+    state.train_seconds += elapsed
+    outcome = _check_step(run, loss, grad_norm)
+    if math.isfinite(loss):
+        state.tokens += tokens
+        state.trained_tokens += trained
+        since_log = SinceLog(since_log.loss_sum + loss * trained, since_log.trained + trained,
+                             since_log.tokens + tokens, since_log.seconds + elapsed)
+    if state.step % run.log_every == 0 or state.step == run.total_steps:
+        _log_train(run, log, grad_norm, since_log)
+        since_log = SinceLog()
+    else:
+        log.advance(state.step)
+    if not outcome.stopped and run.eval_every and state.step % run.eval_every == 0 \
+            and state.step < run.total_steps:
+        outcome = _evaluate_and_maybe_stop(run, log)
+    return outcome, since_log
 
 
 def _check_step(run: Run, loss: float, grad_norm: float) -> Outcome:
@@ -479,28 +351,22 @@ def _check_step(run: Run, loss: float, grad_norm: float) -> Outcome:
     return Outcome("completed")
 
 
-def _log_train(run: Run, log: MetricsLog, grad_norm: float, loss_sum: float, trained: int,
-               tokens: int, seconds: float) -> None:
+def _log_train(run: Run, log: MetricsLog, grad_norm: float, since: SinceLog) -> None:
     state = run.state
-    loss = loss_sum / trained if trained else float("nan")
-    trained_per_s = trained / seconds if seconds else 0.0
+    loss = since.loss_sum / since.trained if since.trained else float("nan")
+    seconds = since.seconds
+    trained_per_s = since.trained / seconds if seconds else 0.0
+    tokens_per_s = since.tokens / seconds if seconds else 0.0
     record = {"kind": "train", "step": state.step, "epoch": round(state.epoch + state.window_in_epoch
                                                                   / run.steps_per_epoch, 4),
               "loss": loss, "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
               "trained_tokens": state.trained_tokens, "tokens": state.tokens,
-              "trained_tokens_per_s": trained_per_s,
-              "tokens_per_s": tokens / seconds if seconds else 0.0,
-              "mfu": _mfu(run, tokens / seconds if seconds else 0.0),
+              "trained_tokens_per_s": trained_per_s, "tokens_per_s": tokens_per_s,
+              "mfu": run.mfu(tokens_per_s),
               "peak_memory_bytes": peak_memory_bytes(run.precision.device),
               "skipped_steps": state.skipped_steps, "world_size": run.world.size}
     log.write(record)
     log.show(state.step, {"loss": loss, "lr": record["lr"], "tok/s": round(trained_per_s)})
-
-
-def _mfu(run: Run, tokens_per_s: float) -> float | None:
-    if not run.peak_flops:
-        return None
-    return run.flops_per_token * tokens_per_s / run.peak_flops
 
 
 def _evaluated_at(state: ckpt.TrainerState, step: int) -> bool:
@@ -555,7 +421,6 @@ def _save_checkpoint(run: Run) -> Path:
     return Path(distributed.on_main(world, write))
 
 
-
 def _finish(run: Run, outcome: Outcome) -> dict[str, Any]:
     """Save what the run produced and say how it ended."""
     import json
@@ -577,22 +442,7 @@ def _finish(run: Run, outcome: Outcome) -> dict[str, Any]:
         distributed.on_main(run.world, write)
     if not run.world.main:
         return {"outcome": outcome.reason, "message": outcome.message, "steps": state.step}
-    seconds = state.train_seconds
-    summary = {
-        "outcome": outcome.reason, "message": outcome.message, "steps": state.step,
-        "total_steps": run.total_steps, "epochs": state.epoch + state.window_in_epoch
-        / run.steps_per_epoch, "tokens": state.tokens, "trained_tokens": state.trained_tokens,
-        "train_seconds": seconds, "trained_tokens_per_s": state.trained_tokens / seconds
-        if seconds else 0.0, "tokens_per_s": state.tokens / seconds if seconds else 0.0,
-        "mfu": _mfu(run, state.tokens / seconds if seconds else 0.0),
-        "skipped_steps": state.skipped_steps, "best_eval_loss": state.best_eval_loss,
-        "final_eval": state.history[-1] if state.history else None,
-        "peak_memory_bytes": peak_memory_bytes(run.precision.device),
-        "trainable_params": run.trainable_params, "total_params": run.total_params,
-        "precision": run.precision.name, "device": run.precision.device,
-        "world_size": run.world.size, "strategy": run.world.strategy,
-        "data": run.data.stats.as_dict() if hasattr(run.data.stats, "as_dict") else None,
-    }
+    summary = run_summary(run, outcome.reason, outcome.message)
     if interrupted:
         summary["resume"] = f"strop train <config> --resume_from_checkpoint {last}"
         print(f"{outcome.message}: saved {last}. Resume with: strop train <your config> "
@@ -610,11 +460,13 @@ def train(loaded: LoadedConfig, overwrite: bool = False) -> dict[str, Any]:
     """Run the config's training: setup, loop, save. Returns the run's summary."""
     from strop.device import detect
     from strop.model.context import check_sequence_len
+    from strop.recipe.precision import run_device
     from strop.train.run_lock import exclusive_output_dir
 
     cfg = loaded.cfg
     check_sequence_len(cfg)  # from the model's config.json, before anything is written
-    world = distributed.start(cfg, detect().resolve(cfg.device))
+    check_loggers(cfg)
+    world = distributed.start(cfg, run_device(cfg, detect()))
     try:
         with contextlib.ExitStack() as held:
             # Rank 0 holds output_dir for the whole run; it alone writes there.

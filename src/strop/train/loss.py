@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from strop.recipe.decide import LOSS_CHUNK_ROWS
+
 IGNORE = -100
 
 
@@ -134,12 +136,6 @@ class OutputHead:
             out = torch.tanh(out / self.softcap) * self.softcap
         return out
 
-
-# Positions scored at once: (1024, V) fp32 logits are 128 MiB at a 32k vocabulary, small next to
-# a step's activations, and large enough that the matmuls stay efficient. (256 rows lowered the
-# peak a little more but moved it to places strop plan does not model as well: its memory
-# error on checkpointed runs grew past 10%.) strop.plan reads it.
-LOSS_CHUNK_ROWS = 1024
 
 
 def lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: OutputHead, *, shift: bool = True,

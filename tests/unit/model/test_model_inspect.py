@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from strop.commands.inspect import inspect_target, render
 from strop.errors import StropError
-from strop.model.inspect import inspect_target, render
 
 DATA = [{"path": "d.jsonl", "type": "alpaca"}]
 

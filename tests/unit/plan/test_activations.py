@@ -2,7 +2,7 @@
 
 A saved-tensors hook records every tensor the forward keeps for backward; the bytes attributed
 to one decoder layer (parameters and autocast's weight copies excluded, since the memory math
-counts those separately) must equal strop.plan.math.layer_activation_bytes.
+counts those separately) must equal strop.recipe.math.layer_activation_bytes.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import contextlib
 import pytest
 import torch
 
-from strop.plan import math as tm
-from strop.plan.shape import model_shape
+from strop.recipe import math as tm
+from strop.recipe.shape import model_shape
 
 B, T = 3, 50  # B*T = 150 differs from every weight dimension below
 SIZES = dict(hidden_size=96, intermediate_size=200, num_hidden_layers=2, num_attention_heads=4,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from strop.plan import math as tm
-from strop.plan.shape import ModelShape, model_shape
+from strop.recipe import math as tm
+from strop.recipe.shape import ModelShape, model_shape
 
 # A Llama-like shape small enough to add up by hand.
 SHAPE = ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128,

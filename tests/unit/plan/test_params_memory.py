@@ -92,7 +92,7 @@ def test_fsdp_shards_and_ddp_adds_buckets():
 
 def test_prediction_matches_a_measured_cpu_training_step(tmp_path):
     """One small case end to end: the harness measures a fresh process, the plan predicts."""
-    from strop.plan.measure import Case, run_case
+    from strop.train.measure import Case, run_case
 
     case = Case(name="small-lora", mode="lora", seq_len=384, micro_batch=2, steps=2,
                 model_config={"model_type": "llama", "hidden_size": 256,
@@ -101,7 +101,10 @@ def test_prediction_matches_a_measured_cpu_training_step(tmp_path):
                               "vocab_size": 8000, "max_position_embeddings": 1024})
     cfg = load_dict(case.strop_config(tmp_path / "config.json")).cfg
     facts = model_facts(cfg)
-    predicted = estimate_memory(facts.shape, facts.params, setup_for(cfg, "cpu", True, hf_config=facts.hf_config)).total
+    from strop.device import detect
+
+    setup = setup_for(cfg, "cpu", detect().cpu_bf16, hf_config=facts.hf_config)  # this CPU
+    predicted = estimate_memory(facts.shape, facts.params, setup).total
     measured = run_case(case)["peak_rss_growth"]
     assert abs(predicted - measured) / measured < 0.10, (predicted, measured)
 
@@ -119,7 +122,7 @@ def test_qlora_base_keeps_norms_fp32_and_the_rest_in_the_compute_dtype():
 def test_setup_follows_what_the_loop_does_to_the_model():
     """Llama trains through the fused chunked loss without a 4-D mask; a family the mask-free
     attention does not cover keeps the mask, and its loss is still chunked."""
-    from strop.train.loss import LOSS_CHUNK_ROWS
+    from strop.recipe.decide import LOSS_CHUNK_ROWS
 
     llama = _cfg(base_model="meta-llama/Llama-3.2-1B", sequence_len=4096, sample_packing=True)
     facts = model_facts(llama)

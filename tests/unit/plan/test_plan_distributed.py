@@ -196,8 +196,8 @@ def test_the_slowest_hop_sets_the_link():
 
 
 def test_step_time_is_the_longer_of_compute_and_communication():
-    from strop.plan.hardware import load_prices
     from strop.plan.report import GPU_MFU, build_plan
+    from strop.recipe.hardware import load_prices
 
     cfg = _cfg(micro_batch_size=2, gradient_accumulation_steps=4)
     tokens = 2 * 512 * 4

@@ -7,7 +7,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from strop.train.lean_activations import MLPS, NORMS, LeanRMSNorm, LeanSwiGLU, lean_activations
+from strop.recipe.decide import LEAN_MLPS as MLPS
+from strop.recipe.decide import LEAN_NORMS as NORMS
+from strop.train.lean_activations import LeanRMSNorm, LeanSwiGLU, lean_activations
 
 SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=100, pad_token_id=0, bos_token_id=1,

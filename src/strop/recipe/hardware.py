@@ -45,7 +45,7 @@ class Device:
 
 
 def read_json(name: str) -> dict[str, Any]:
-    return json.loads(resources.files("strop.plan").joinpath(name).read_text())
+    return json.loads(resources.files("strop.recipe").joinpath(name).read_text())
 
 
 def load_prices(path: str | Path | None = None) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Measure a training step's peak memory and throughput, to check the plan against reality.
 
-Each case runs in a fresh Python process (`python -m strop.plan.measure CASE_JSON`), so
+Each case runs in a fresh Python process (`python -m strop.train.measure CASE_JSON`), so
 allocator state, code pages and caches of one case never leak into the next. The child writes a
 model directory built from the case's config (stored in the dtype strop loads it in, so loading
 converts nothing), a word-level tokenizer of the model's vocabulary and rows of exactly
@@ -80,7 +80,7 @@ def run_case(case: Case, timeout: float = 600) -> dict[str, Any]:
     if case.threads:
         env["OMP_NUM_THREADS"] = str(case.threads)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    proc = subprocess.run([sys.executable, "-m", "strop.plan.measure", json.dumps(asdict(case))],
+    proc = subprocess.run([sys.executable, "-m", "strop.train.measure", json.dumps(asdict(case))],
                           capture_output=True, text=True, timeout=timeout, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:

@@ -1,6 +1,6 @@
 """The sizes of a transformer that the math needs, read from its config.json.
 
-One small dataclass so the formulas in `strop.plan.math` take plain numbers, not a
+One small dataclass so the formulas in `strop.recipe.math` take plain numbers, not a
 PretrainedConfig with family-specific spellings (GPT-2's n_embd, BERT's missing kv heads).
 """
 

@@ -240,8 +240,9 @@ def lora_estimate(model: nn.Module, cfg: StropConfig) -> LoraEstimate:
     """What LoRA would train on this model with this config: PEFT's own wrapping, on meta."""
     import torch
 
-    from strop.adapters.lora import parameter_count, wrapped_module_counts
+    from strop.adapters.lora import wrapped_module_counts
     from strop.adapters.lora_config import build_lora_config, peft_wrap
+    from strop.model.quantize import parameter_count
 
     full = parameter_count(model)
     lora_config = build_lora_config(model, cfg)

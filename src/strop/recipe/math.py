@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from strop.plan.shape import ModelShape, model_shape
+from strop.recipe.shape import ModelShape, model_shape
 
 FP32 = 4
 INT64 = 8
@@ -49,11 +49,6 @@ def attention_forward_flops_per_token(shape: ModelShape, seq_len: int) -> float:
     Counted over the full seq_len x seq_len square (PaLM's MFU convention), not the causal half.
     """
     return 4.0 * shape.layers * seq_len * shape.q_dim
-
-
-def forward_flops_per_token(shape: ModelShape, seq_len: int) -> float:
-    """2N for the weights a token multiplies through (the head included) plus attention."""
-    return 2.0 * shape.matmul_params_per_token + attention_forward_flops_per_token(shape, seq_len)
 
 
 def training_flops_per_token(hf_config: Any, seq_len: int, trainable_params: int | None = None,
