@@ -70,12 +70,12 @@ def import_bitsandbytes():
 
 def compute_dtype(cfg: StropConfig, device: str) -> torch.dtype:
     """dtype of the 4-bit matmuls: bnb_4bit_compute_dtype, else what the run computes in
-    (strop.recipe.precision: bf16 where the config asks and the device has it, fp16 for an
+    (strop.precision: bf16 where the config asks and the device has it, fp16 for an
     fp16 run on a GPU, else fp32)."""
     import torch
 
     from strop.device import detect
-    from strop.recipe.precision import decide_precision
+    from strop.precision import decide_precision
 
     explicit = cfg.bnb_4bit["bnb_4bit_compute_dtype"]
     if explicit:

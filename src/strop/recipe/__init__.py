@@ -1,5 +1,5 @@
 """What a run is, decided and counted before it runs: the dtypes it computes in, the attention
-and the lean activations and fused loss it uses (decide.py, precision.py), its FLOPs per token
+and the lean activations and fused loss it uses (decide.py, with strop.precision below it), its FLOPs per token
 (math.py, shape.py) and the peak FLOPs of the device it runs on (hardware.py).
 
 Below both strop.train and strop.plan: the loop builds from these decisions and `strop plan`

@@ -1,7 +1,7 @@
 """The trainer's decisions for one run, in one place: what the loop builds (strop.train.loop)
 and what `strop plan` estimates (strop.plan.estimate) both come from `decide_setup`.
 
-- precision: the dtypes (strop.recipe.precision);
+- precision: the dtypes (strop.precision);
 - attention: the implementation that runs (flash attention needs a CUDA GPU and flash-attn,
   else SDPA);
 - mask_free: packed or padded rows attend without a 4-D mask, for the causal families whose
@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from strop.recipe.precision import Precision, decide_precision
+from strop.precision import Precision, decide_precision
 
 if TYPE_CHECKING:
     from strop.config.schema import StropConfig

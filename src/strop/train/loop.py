@@ -23,7 +23,7 @@ import torch
 from strop import runtime
 from strop.config.load import LoadedConfig
 from strop.errors import StropError
-from strop.recipe.precision import Precision
+from strop.precision import Precision
 from strop.train import checkpoint as ckpt
 from strop.train import distributed, sharded
 from strop.train.compile_cache import compiled
@@ -62,9 +62,9 @@ def setup(loaded: LoadedConfig, overwrite: bool = False, world: World = SINGLE) 
     from strop.model.load import architecture, flash_installed, load_model
     from strop.model.quantize import parameter_count
     from strop.model.tokenizer import load_tokenizer
+    from strop.precision import run_device
     from strop.recipe.decide import decide_setup
     from strop.recipe.math import training_flops_per_token
-    from strop.recipe.precision import run_device
 
     cfg = loaded.cfg
     out = Path(cfg.output_dir)
@@ -460,7 +460,7 @@ def train(loaded: LoadedConfig, overwrite: bool = False) -> dict[str, Any]:
     """Run the config's training: setup, loop, save. Returns the run's summary."""
     from strop.device import detect
     from strop.model.context import check_sequence_len
-    from strop.recipe.precision import run_device
+    from strop.precision import run_device
     from strop.train.run_lock import exclusive_output_dir
 
     cfg = loaded.cfg

@@ -12,8 +12,8 @@ import torch.nn as nn
 
 from strop.config.schema import StropConfig
 from strop.data.batches import batch_generator
+from strop.precision import Precision
 from strop.recipe.decide import Decisions
-from strop.recipe.precision import Precision
 from strop.train import checkpoint as ckpt
 from strop.train import distributed
 from strop.train.distributed import SINGLE, World

@@ -9,8 +9,8 @@ from transformers import AutoConfig
 from strop.config import load_dict
 from strop.device import DeviceCaps
 from strop.errors import StropError
+from strop.precision import decide_precision, run_device
 from strop.recipe.decide import decide_setup
-from strop.recipe.precision import decide_precision, run_device
 
 DATA = [{"path": "d.jsonl", "type": "alpaca"}]
 LAPTOP = DeviceCaps(cuda=False, cuda_bf16=False, cpu_bf16=False, cpu_name="old cpu")
