@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -342,7 +343,39 @@ def demo(
     raise typer.Exit(run_demo())
 
 
+# How long a rank other than 0 waits, after a config error, for rank 0 to report it.
+RANK0_REPORTS_S = 30
+
+
 def main(argv: list[str] | None = None) -> None:
+    if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _main_of_a_rank()
+    _main(argv)
+
+
+def _main_of_a_rank() -> None:
+    """A process torchrun started: run the command, then leave without the interpreter's
+    teardown. torch keeps the process groups alive past destroy_process_group (FSDP2's
+    DTensors and DTensor's caches hold their device mesh), and their gloo worker threads, still
+    holding tensors of the last collective, take the GIL while the interpreter finalizes: an
+    occasional "terminate called without an active exception" (SIGABRT) after a run that
+    finished, seen in CI on 2 of about 15 two-process runs (pytorch/pytorch#179291 proposed an
+    atexit fix upstream and was abandoned). Every file is closed and every collective done by
+    then; only stdout and stderr still buffer."""
+    code: int | str | None = 0
+    try:
+        _main(None)
+    except SystemExit as done:
+        code = done.code
+    if isinstance(code, str):  # sys.exit("message"): print it as Python would
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         if argv is None and sys.argv[1:2] and sys.argv[1] in runtime.COMMANDS:
             # This process's own command line (not a call from Python), torch not loaded yet:
@@ -352,7 +385,11 @@ def main(argv: list[str] | None = None) -> None:
     except StropError as err:
         rank = int(os.environ.get("RANK", "0"))
         if rank and isinstance(err, ConfigError):
-            sys.exit(EXIT_USAGE)  # every rank read the same config: rank 0 says what is wrong
+            # Every rank read the same config: rank 0 says what is wrong. torchrun stops the
+            # job when the first rank exits, so this one waits for rank 0 to print and exit
+            # (torchrun then ends it) rather than cut rank 0 off before it prints.
+            time.sleep(RANK0_REPORTS_S)
+            sys.exit(EXIT_USAGE)
         where = f"rank {rank}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         for line in err.problems:
             print(f"error: {where}{line}", file=sys.stderr)

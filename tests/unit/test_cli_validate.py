@@ -112,3 +112,28 @@ def test_no_traceback_ever_escapes_validate(cli, tmp_path, doc, raw):
         assert "Traceback" not in result.err
         if result.code == 2:
             assert all(line.startswith("error: ") for line in result.err.strip().splitlines())
+
+
+def test_a_rank_of_a_torchrun_job_exits_with_its_code_and_its_output(tmp_path):
+    # A rank leaves through os._exit (no interpreter teardown: strop.cli._main_of_a_rank), so
+    # what it printed must be flushed and its exit code kept. No process group is needed.
+    import os
+    import subprocess
+    import sys
+
+    good, bad = tmp_path / "good.yml", tmp_path / "bad.yml"
+    good.write_text(GOOD)
+    bad.write_text(GOOD + "lora_rr: 4\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffers
+    env.update(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
+
+    def strop(*args):
+        return subprocess.run([sys.executable, "-m", "strop", *args], env=env,
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+    ok = strop("validate", good)
+    assert ok.returncode == 0 and "learning_rate" in ok.stdout, ok.stderr
+    failed = strop("validate", bad)
+    assert failed.returncode == 2
+    assert failed.stderr.strip() == (f"error: rank 0: {bad}:9: unknown key 'lora_rr'; "
+                                      "did you mean lora_r?")
