@@ -16,7 +16,7 @@ from pathlib import Path
 import typer
 
 from strop import runtime
-from strop.errors import EXIT_USAGE, ConfigError, StropError
+from strop.errors import EXIT_USAGE, ConfigError, ReportedByRank0, StropError
 
 app = typer.Typer(
     name="strop",
@@ -384,10 +384,11 @@ def _main(argv: list[str] | None) -> None:
         app(args=argv)
     except StropError as err:
         rank = int(os.environ.get("RANK", "0"))
-        if rank and isinstance(err, ConfigError):
-            # Every rank read the same config: rank 0 says what is wrong. torchrun stops the
-            # job when the first rank exits, so this one waits for rank 0 to print and exit
-            # (torchrun then ends it) rather than cut rank 0 off before it prints.
+        if rank and isinstance(err, ConfigError | ReportedByRank0):
+            # Every rank read the same config, or rank 0 met the error: rank 0 says what is
+            # wrong. torchrun stops the job when the first rank exits, so this one waits for
+            # rank 0 to print and exit (torchrun then ends it) rather than cut rank 0 off
+            # before it prints.
             time.sleep(RANK0_REPORTS_S)
             sys.exit(EXIT_USAGE)
         where = f"rank {rank}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""

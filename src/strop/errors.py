@@ -30,6 +30,14 @@ class ConfigError(StropError):
         super().__init__(head, problems)
 
 
+class ReportedByRank0(StropError):
+    """Rank 0 of a multi-process run met a StropError it reports itself: the other ranks end
+    quietly instead of repeating it, or printing the broken connection it leaves them."""
+
+    def __init__(self) -> None:
+        super().__init__("rank 0 reports the error")
+
+
 def first_line(err: BaseException, limit: int | None = None) -> str:
     """The first line of a library's error message (at most `limit` characters), or the
     exception's type when it has no message: what goes in parentheses in a StropError."""

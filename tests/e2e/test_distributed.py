@@ -331,6 +331,16 @@ def test_a_config_error_is_printed_once(work, tmp_path):
     assert text.count("unknown key 'lora_rr'; did you mean lora_r?") == 1, text[-3000:]
 
 
+def test_an_error_rank_0_meets_is_printed_once_and_the_others_end_quietly(work, reference):
+    # output_dir holds the reference's finished run: rank 0 refuses it while the other rank
+    # waits for rank 0's answer; that rank must not print the connection rank 0 leaves broken
+    result = torchrun(work["root"] / "one.yml")
+    assert result.returncode != 0
+    text = result.stdout + result.stderr
+    assert text.count("holds a finished run; pass --overwrite") == 1, text[-3000:]
+    assert "[rank1]" not in text and "Connection closed" not in text, text[-3000:]
+
+
 def test_a_rank_that_hangs_is_named_when_the_collective_times_out(work):
     cfg = config(work, "hang", max_steps=5000, ddp_timeout=5, lr_scheduler="constant")
     job = torchrun(cfg, wait=False)

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from strop.errors import StropError
+from strop.errors import ReportedByRank0, StropError
 
 if TYPE_CHECKING:
     from strop.config.schema import StropConfig
@@ -129,14 +129,27 @@ def gather_objects(world: World, value: Any) -> list[Any]:
 
 
 def on_main(world: World, work: Callable[[], Any]) -> Any:
-    """Run `work` on rank 0 only and hand its result (small, picklable) to every rank. When it
-    fails on rank 0, rank 0 exits with the error and torchrun stops the others."""
-    result = work() if world.main else None
+    """Run `work` on rank 0 only and hand its result (small, picklable) to every rank. A user
+    error there (a StropError) reaches every rank: rank 0 raises it and prints it, the others
+    raise ReportedByRank0 and end quietly. Any other failure ends rank 0, and torchrun the
+    others."""
     if not world.many:
-        return result
-    box = [result]
+        return work()
+    failure: StropError | None = None
+    result = None
+    if world.main:
+        try:
+            result = work()
+        except StropError as err:
+            failure = err
+    box = [(failure is not None, result)]
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    failed, result = box[0]
+    if failure is not None:
+        raise failure
+    if failed:
+        raise ReportedByRank0
+    return result
 
 
 @contextlib.contextmanager
