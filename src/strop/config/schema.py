@@ -455,10 +455,11 @@ class StropConfig(_Strict):
 
     @property
     def model_source(self) -> str | None:
-        """Where the base weights are: base_model, or the GGUF file gguf_file names in it."""
-        from strop.model.gguf import join
-
-        return join(self.base_model, self.gguf_file) if self.base_model else None
+        """Where the base weights are: base_model, or the GGUF file gguf_file names in it (a
+        directory or a hub repo), as one source string."""
+        if not self.base_model or not self.gguf_file:
+            return self.base_model
+        return f"{self.base_model.rstrip('/')}/{self.gguf_file}"
 
     @property
     def from_scratch(self) -> bool:

@@ -40,13 +40,6 @@ def is_gguf(source: str | os.PathLike | None) -> bool:
     return source is not None and str(source).lower().endswith(SUFFIX)
 
 
-def join(base_model: str, gguf_file: str | None) -> str:
-    """base_model with gguf_file inside it (a directory or a hub repo): one source string."""
-    if not gguf_file:
-        return base_model
-    return f"{base_model.rstrip('/')}/{gguf_file}"
-
-
 def cache_root() -> Path:
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "strop" / "gguf"
     return Path(os.environ.get("STROP_GGUF_CACHE", default))
