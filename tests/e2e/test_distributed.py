@@ -54,9 +54,11 @@ def config(work: dict, name: str, **extra) -> Path:
     return path
 
 
-def torchrun(cfg: Path, *args: str, nproc: int = 2, wait: bool = True):
+def torchrun(cfg: Path, *args: str, nproc: int = 2, wait: bool = True, tee: bool = False):
+    # tee: torchrun prefixes each line with the rank that printed it ("[default1]:...")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", "-m", "strop", "train", str(cfg), *args]
+               f"--nproc-per-node={nproc}", *(["--tee", "3"] if tee else []),
+               "-m", "strop", "train", str(cfg), *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     if not wait:
         return subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
@@ -124,8 +126,12 @@ def test_lora_and_qlora_train_the_same_adapter_on_two_processes(work, mode, stra
              "dataset_prepared_path": str(work["root"] / f"prepared-{mode}")}
     ok(one_process(config(work, f"{mode}-one", **extra), "--gradient_accumulation_steps", "2"))
     sharding = {"fsdp_version": 2} if strategy == "fsdp" else {}
-    ok(torchrun(config(work, f"{mode}-{strategy}", **extra, **sharding),
-                "--gradient_accumulation_steps", "1"))
+    result = ok(torchrun(config(work, f"{mode}-{strategy}", **extra, **sharding),
+                         "--gradient_accumulation_steps", "1", tee=True))
+    # rank 0 speaks for the run: rank 1 prints nothing (no warnings, no "Loading weights" bars)
+    printed = (result.stdout + result.stderr).splitlines()
+    assert any(line.startswith("[default0]:saved the adapter") for line in printed)
+    assert [line for line in printed if line.startswith("[default1]:")] == []
     one, two = work["root"] / f"{mode}-one", work["root"] / f"{mode}-{strategy}"
     # QLoRA computes in bf16, where FSDP2's other summation order shows (measured: 4e-6)
     rel = 1e-6 if mode == "lora" else 2e-5

@@ -85,10 +85,17 @@ def start(cfg: StropConfig, device: str) -> World:
     # a timed-out collective closes its own group's connections.
     _HEALTH = dist.new_group(backend="gloo")
     if rank:
-        # Rank 0 speaks for the run: the others' progress, reports and library warnings would
-        # repeat it N times. Their errors still reach stderr (strop.cli prints them per rank).
+        # Rank 0 speaks for the run: the others' progress, reports, library warnings and
+        # library progress bars (transformers' "Loading weights", on stderr) would repeat it N
+        # times. Their errors still reach stderr (strop.cli prints them per rank).
+        from datasets.utils import logging as datasets_logging
+        from transformers.utils import logging as hf_logging
+
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
         warnings.filterwarnings("ignore")
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        datasets_logging.disable_progress_bar()
     return World(rank, size, local, "fsdp" if cfg.fsdp is not None else "ddp")
 
 
