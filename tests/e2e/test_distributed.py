@@ -316,6 +316,31 @@ def test_sigterm_to_one_rank_saves_one_checkpoint_for_all(work):
     assert json.loads((work["root"] / "signal" / "summary.json").read_text())["steps"] == step + 2
 
 
+def test_strop_train_nproc_passes_sigterm_on_and_names_a_killed_rank(work):
+    # --nproc runs torchrun's agent inside strop: a SIGTERM to strop reaches every rank (one
+    # checkpoint, exit 143), and a rank killed outright is named in one line (exit 128 + 9)
+    def strop_nproc(name: str) -> subprocess.Popen:
+        cfg = config(work, name, max_steps=5000, lr_scheduler="constant")
+        return subprocess.Popen([sys.executable, "-m", "strop", "train", str(cfg), "--nproc", "2"],
+                                env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    job = strop_nproc("nproc-term")
+    _wait_for_step(work["root"] / "nproc-term", 3)
+    job.send_signal(signal.SIGTERM)
+    out, _ = job.communicate(timeout=300)
+    assert job.returncode == 143, out[-3000:]
+    assert len(list((work["root"] / "nproc-term").glob("checkpoint-*"))) == 1, out[-3000:]
+    assert "stopped by SIGTERM" in out and "Traceback" not in out, out[-3000:]
+
+    job = strop_nproc("nproc-kill")
+    _wait_for_step(work["root"] / "nproc-kill", 3)
+    os.kill(_rank_pid(job, 1), signal.SIGKILL)
+    out, _ = job.communicate(timeout=300)
+    assert job.returncode == 137, out[-3000:]
+    assert "error: rank 1 was ended by SIGKILL" in out and "Traceback" not in out, out[-3000:]
+
+
 def test_kill_9_of_one_rank_ends_the_job_and_the_last_checkpoint_resumes(work):
     cfg = config(work, "killed", max_steps=5000, save_steps=2, lr_scheduler="constant")
     job = torchrun(cfg, wait=False)

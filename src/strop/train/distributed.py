@@ -191,6 +191,18 @@ def timeout_message(world: World, cfg: StropConfig, err: BaseException) -> str:
             "resume with --resume_from_checkpoint latest")
 
 
+def lost_a_rank(world: World, err: BaseException) -> str | None:
+    """What a collective says when another rank died under it (its connection closed or
+    reset), in one line; None for any other error. torchrun ends the job either way."""
+    text = str(err)
+    if not (world.many and isinstance(err, RuntimeError) and
+            re.search(r"Connection (closed|reset) by peer|Broken pipe", text)):
+        return None
+    first = text.splitlines()[0].split("] ")[-1].split(". ")[0]
+    return (f"lost another process of the run ({first}): it died or was killed; look at its "
+            "output, and resume with --resume_from_checkpoint latest")
+
+
 def _comm_device() -> str:
     return "cuda" if dist.get_backend() == "nccl" else "cpu"
 

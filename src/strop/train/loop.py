@@ -476,6 +476,8 @@ def train(loaded: LoadedConfig, overwrite: bool = False) -> dict[str, Any]:
     except RuntimeError as err:
         if distributed.timed_out(world, err):
             raise StropError(distributed.timeout_message(world, cfg, err)) from None
+        if lost := distributed.lost_a_rank(world, err):
+            raise StropError(lost) from None
         raise
     finally:
         distributed.stop(world)
