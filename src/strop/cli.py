@@ -343,7 +343,8 @@ def demo(
     raise typer.Exit(run_demo())
 
 
-# How long a rank other than 0 waits, after a config error, for rank 0 to report it.
+# How long a rank other than 0 waits, after a config error or one rank 0 met, for rank 0 to
+# report it.
 RANK0_REPORTS_S = 30
 
 
