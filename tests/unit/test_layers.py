@@ -11,7 +11,7 @@ import strop
 ROOT = Path(strop.__file__).parent
 # From the bottom up; packages in one layer do not import each other.
 LAYERS = [
-    {"errors"}, {"device"}, {"runtime"}, {"config"}, {"precision"}, {"data"}, {"model"},
+    {"errors"}, {"device", "runtime"}, {"config"}, {"precision"}, {"data"}, {"model"},
     {"adapters"}, {"recipe"}, {"train", "plan"}, {"infer"}, {"export", "report"},
     {"demo", "commands"}, {"cli"}, {"__main__", "__init__"},
 ]
