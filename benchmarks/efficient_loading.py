@@ -3,12 +3,12 @@
 
 Without it every rank reads the whole model before FSDP2 shards it; with it rank 0 alone reads
 it and the other ranks build the model on the meta device and receive their shards from rank 0.
-Runs: full fine-tuning and LoRA (r16, every linear), 2 steps each, torchrun with gloo on this CPU, the model as a Hugging
-Face directory (strop.demo.smollm2.hf_dir). Each rank's peak resident memory is read from
-/proc/<pid>/status (VmHWM, the kernel's high-water mark) while the run goes on, through setup
-(until rank 0 prints that training starts) and through the whole run; the final
-losses show both runs trained the same model. Under full fine-tuning the training step's own
-memory (weights, gradients and AdamW states) may hide the load.
+Runs: full fine-tuning and LoRA (r16, every linear), 2 steps each, torchrun with gloo on this
+CPU, the model as a Hugging Face directory (strop.demo.smollm2.hf_dir). Each rank's peak
+resident memory is read from /proc/<pid>/status (VmHWM, the kernel's high-water mark) while the
+run goes on, through setup (until rank 0 prints that training starts) and through the whole
+run; the final losses show both runs trained the same model. On a small model the training
+step's own memory (weights, gradients, AdamW states, activations) sets the run's peak.
 
     .venv/bin/python benchmarks/efficient_loading.py
 """
@@ -50,7 +50,8 @@ def _high_water_mib(pid: int) -> float | None:
 
 
 def run(work: Path, name: str, model: str, data: Path, efficient: bool, lora: bool) -> dict:
-    out = work / name.replace(" ", "-")
+    slug = name.replace(" ", "-")
+    out = work / slug
     cfg = {"base_model": model, "datasets": [{"path": str(data), "type": "alpaca"}],
            "sequence_len": 256, "micro_batch_size": 2, "max_steps": 2, "learning_rate": 1e-5,
            "optimizer": "adamw_torch", "bf16": False, "seed": 0, "logging_steps": 1,
@@ -59,7 +60,7 @@ def run(work: Path, name: str, model: str, data: Path, efficient: bool, lora: bo
     if lora:
         cfg.update(adapter="lora", lora_r=16, lora_alpha=32, lora_target_linear=True,
                    learning_rate=1e-4)
-    path = work / f"{name.replace(' ', '-')}.yml"
+    path = work / f"{slug}.yml"
     path.write_text(yaml.safe_dump(cfg))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node=2", "-m", "strop", "train", str(path),
@@ -74,8 +75,9 @@ def run(work: Path, name: str, model: str, data: Path, efficient: bool, lora: bo
     peaks: dict[int, float] = {}
     setup: dict[int, float] = {}  # each rank's peak when rank 0 starts training
     ranks: dict[int, int] = {}  # pid -> rank
+    training = False
     while proc.poll() is None:
-        training = any(line.startswith("training ") for line in lines)
+        training = training or any(line.startswith("training ") for line in lines)
         for pid in _children(proc.pid):
             if pid not in ranks:
                 try:
@@ -130,6 +132,7 @@ def main() -> None:
               f"{rank0['setup'][1] - every['setup'][1]:+.0f} MiB "
               f"({rank0['setup'][1] / every['setup'][1]:.2f}x), its run peak "
               f"{rank0['peak'][1] / every['peak'][1]:.2f}x")
+
 
 if __name__ == "__main__":
     main()

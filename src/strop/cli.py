@@ -349,9 +349,16 @@ RANK0_REPORTS_S = 30
 
 
 def main(argv: list[str] | None = None) -> None:
-    if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _main_of_a_rank()
-    _main(argv)
+    if argv is None and _launched_by_torchrun():
+        _main_of_a_rank()  # never returns
+    else:
+        _main(argv)
+
+
+def _launched_by_torchrun() -> bool:
+    """One of several processes torchrun started (strop.train.distributed reads the same
+    variables; imported here it would load torch for every command)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _main_of_a_rank() -> None:
@@ -392,7 +399,7 @@ def _main(argv: list[str] | None) -> None:
             # before it prints.
             time.sleep(RANK0_REPORTS_S)
             sys.exit(EXIT_USAGE)
-        where = f"rank {rank}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        where = f"rank {rank}: " if _launched_by_torchrun() else ""
         for line in err.problems:
             print(f"error: {where}{line}", file=sys.stderr)
         sys.exit(EXIT_USAGE)

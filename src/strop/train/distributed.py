@@ -169,38 +169,34 @@ def main_first(world: World) -> Iterator[None]:
         dist.barrier()
 
 
-def timed_out(world: World, err: BaseException) -> bool:
-    return world.many and isinstance(err, RuntimeError) and "timed out" in str(err).lower()
+def collective_failure(world: World, cfg: StropConfig, err: BaseException) -> str | None:
+    """One line for a collective that failed under several processes: it timed out (naming
+    the ranks that did not answer), or another rank died under it (its connection closed or
+    reset); None for any other error. torchrun ends the job either way."""
+    if not (world.many and isinstance(err, RuntimeError)):
+        return None
+    said = str(err).splitlines()[0].split("] ")[-1]  # without gloo's "[file.cc:line] "
+    if "timed out" in str(err).lower():
+        return (f"waited ddp_timeout ({cfg.ddp_timeout} s) for the other processes in a "
+                f"collective and gave up ({said}){_silent_ranks(cfg)}; look at the other "
+                "ranks' output, and resume with --resume_from_checkpoint latest")
+    if re.search(r"Connection (closed|reset) by peer|Broken pipe", str(err)):
+        return (f"lost another process of the run ({said.split('. ')[0]}): it died or was "
+                "killed; look at its output, and resume with --resume_from_checkpoint latest")
+    return None
 
 
-def timeout_message(world: World, cfg: StropConfig, err: BaseException) -> str:
-    """What a collective that timed out says (strop.cli names the rank that waited) and, found
-    by a monitored barrier (rank 0 hears from every rank that still runs), which ranks did not
-    answer."""
-    silent = ""
+def _silent_ranks(cfg: StropConfig) -> str:
+    """Which ranks did not answer, found by a monitored barrier on the second gloo group (rank
+    0 hears from every rank that still runs); strop.cli names the rank that waited."""
     try:
         dist.monitored_barrier(_HEALTH, timeout=datetime.timedelta(
             seconds=min(cfg.ddp_timeout, 30)), wait_all_ranks=True)
     except RuntimeError as barrier:
         found = re.search(r"[Rr]anks? ([\d, ]+) failed to pass", str(barrier))
         if found:
-            silent = f"; rank {found.group(1).strip()} did not answer (hung or died)"
-    first = str(err).splitlines()[0].split("] ")[-1]
-    return (f"waited ddp_timeout ({cfg.ddp_timeout} s) for the other processes "
-            f"in a collective and gave up ({first}){silent}; look at the other ranks' output, and "
-            "resume with --resume_from_checkpoint latest")
-
-
-def lost_a_rank(world: World, err: BaseException) -> str | None:
-    """What a collective says when another rank died under it (its connection closed or
-    reset), in one line; None for any other error. torchrun ends the job either way."""
-    text = str(err)
-    if not (world.many and isinstance(err, RuntimeError) and
-            re.search(r"Connection (closed|reset) by peer|Broken pipe", text)):
-        return None
-    first = text.splitlines()[0].split("] ")[-1].split(". ")[0]
-    return (f"lost another process of the run ({first}): it died or was killed; look at its "
-            "output, and resume with --resume_from_checkpoint latest")
+            return f"; rank {found.group(1).strip()} did not answer (hung or died)"
+    return ""
 
 
 def _comm_device() -> str:

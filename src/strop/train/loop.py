@@ -474,10 +474,8 @@ def train(loaded: LoadedConfig, overwrite: bool = False) -> dict[str, Any]:
                 exclusive_output_dir(Path(cfg.output_dir))))
             return fit(setup(loaded, overwrite, world))
     except RuntimeError as err:
-        if distributed.timed_out(world, err):
-            raise StropError(distributed.timeout_message(world, cfg, err)) from None
-        if lost := distributed.lost_a_rank(world, err):
-            raise StropError(lost) from None
+        if said := distributed.collective_failure(world, cfg, err):
+            raise StropError(said) from None
         raise
     finally:
         distributed.stop(world)
