@@ -10,7 +10,9 @@ from strop.config.suggest import closest
 
 # The formats strop turns into input_ids + labels (see strop.data.formats). Kept here, not
 # imported from the data package, so validating a config never imports tokenizers or torch.
-FORMATS = ("completion", "pretrain", "alpaca", "chat_template", "input_output")
+FORMATS = ("completion", "pretrain", "alpaca", "chat_template", "input_output", "untemplated")
+# The formats of preference rows (`rl:`): through the chat template, or plain text.
+PREFERENCE_FORMATS = ("chat_template", "untemplated")
 
 # Named chat templates strop ships (strop.data.templates); "tokenizer_default" uses the
 # tokenizer's own template.
@@ -24,6 +26,8 @@ def _check_format_name(value: Any) -> Any:
         return value
     if value in FORMATS:
         return value
+    if value == "chat_template.default":  # axolotl's name for its preference chat template
+        return "chat_template"
     base = value.split(":")[0].split(".")[0]
     axolotl_formats = {"sharegpt", "alpaca_chat", "alpaca_w_system", "oasst", "gpteacher",
                        "reflection", "explainchoice", "concisechoice", "summarizetldr",
@@ -69,7 +73,8 @@ class DatasetConfig(_Strict):
     path: str = Field(..., description="Local file, folder or glob, or a Hugging Face hub dataset id")
     type: str | UserFormat = Field(
         ..., description="Row format: completion, pretrain, alpaca, chat_template, input_output, "
-                         "or a mapping that defines a prompt format")
+                         "or a mapping that defines a prompt format; preference rows: "
+                         "chat_template or untemplated")
     ds_type: Literal["json", "csv", "parquet", "text", "arrow"] | None = Field(
         None, description="File type when the extension does not say it")
     data_files: str | list[str] | None = Field(None, description="Files or globs inside path to load")
@@ -103,6 +108,18 @@ class DatasetConfig(_Strict):
     field_input: str | None = Field(None, description="Column holding the optional input")
     field_output: str | None = Field(None, description="Column holding the response")
     system_prompt: str | None = Field(None, description="System prompt used when a row has none")
+    # preference rows (rl:)
+    field_prompt: str | None = Field(
+        None, description="Preference rows: column holding the prompt, text or messages "
+                          "(default: prompt, else the field_messages conversation)")
+    field_chosen: str | None = Field(None, description="Preference rows: column holding the chosen "
+                                                       "response (default: chosen)")
+    field_rejected: str | None = Field(None, description="Preference rows: column holding the "
+                                                         "rejected response (default: rejected)")
+    field_completion: str | None = Field(None, description="kto: column holding the completion "
+                                                           "(default: completion)")
+    field_label: str | None = Field(None, description="kto: column saying whether the completion "
+                                                      "is desirable, true or false (default: label)")
     # input_output
     field_segments: str | None = Field(None, description="Column of [{text, label}] segments for input_output")
     train_on_inputs: bool | None = Field(None, description="Per-dataset override of train_on_inputs")

@@ -49,7 +49,7 @@ HINTS = {
     "sage_attention": "use attn_implementation: sdpa (or flash_attention_2)",
     "flex_attention": "use attn_implementation: flex_attention",
     "hub_model_id": "push the output_dir yourself with `huggingface-cli upload`",
-    "rl": "preference training (DPO, ORPO, GRPO, ...) is not built yet",
+    "dpo_use_weighting": "WPO weighting is not built; remove it",
     "dataset_shard_num": "use shards / shards_idx on the dataset entry",
     "pretraining_dataset": "list the corpus under datasets with type: completion (and streaming: "
                            "true on the entry for a corpus larger than memory)",
@@ -390,7 +390,8 @@ def load_document(doc: YamlDocument, overrides: dict[str, Any]) -> LoadedConfig:
         _format_validation(exc, screen, clean)
     except RuleViolations as exc:
         for v in exc.violations:
-            screen.problem((v.keys[0],), v.message)
+            # a key, or the path to one inside a dataset entry
+            screen.problem(v.keys[0] if isinstance(v.keys[0], tuple) else (v.keys[0],), v.message)
     if screen.problems or cfg is None:
         raise ConfigError(screen.problems)
 

@@ -231,7 +231,56 @@ def _distributed(cfg: StropConfig) -> list[Violation]:
     return out
 
 
-RULES = (_model, _quantization, _adapter, _schedule, _eval_and_save, _precision, _distributed)
+# Keys of one preference objective, and the objectives they belong to.
+PREFERENCE_KEYS = {"dpo_label_smoothing": ("dpo",), "rpo_alpha": ("dpo", "ipo"),
+                   "orpo_alpha": ("orpo",), "simpo_gamma": ("simpo",), "cpo_alpha": ("simpo",),
+                   "kto_desirable_weight": ("kto",), "kto_undesirable_weight": ("kto",),
+                   "precompute_ref_log_probs": ("dpo", "ipo", "kto")}
+
+
+def _preference(cfg: StropConfig) -> list[Violation]:
+    from strop.config.datasets import PREFERENCE_FORMATS
+
+    out = []
+    rl = cfg.rl
+    for key, objectives in PREFERENCE_KEYS.items():
+        if _set(cfg, key) and rl not in objectives:
+            owner = " or ".join(f"rl: {o}" for o in objectives)
+            out.append(Violation((key,), f"{key} is used by {owner} only" +
+                                 (f", not rl: {rl}" if rl else "") + f"; remove {key}" +
+                                 ("" if rl else f" or set {owner}")))
+    if rl is None:
+        if _set(cfg, "rl_beta"):
+            out.append(Violation(("rl_beta",), "rl_beta is the beta of preference training; set "
+                                 "rl: dpo (or ipo, orpo, simpo, kto), or remove rl_beta"))
+        for group in ("datasets", "test_datasets"):
+            for i, ds in enumerate(getattr(cfg, group) or []):
+                if ds.type == "untemplated":
+                    out.append(Violation(((group, i, "type"),), "type: untemplated reads preference "
+                                         "rows (prompt, chosen, rejected) for rl:; for plain text "
+                                         "use completion or input_output"))
+        return out
+    if cfg.objective == "masked_lm":
+        out.append(Violation(("rl",), "preference training scores a causal LM's responses; "
+                             "remove rl or objective: masked_lm"))
+    if cfg.from_scratch:
+        out.append(Violation(("rl",), "preference training starts from a trained model "
+                             "(base_model); pretrain or fine-tune first, then set base_model"))
+    if cfg.train_on_inputs:
+        out.append(Violation(("train_on_inputs",), "preference losses score the responses only; "
+                             "remove train_on_inputs"))
+    for group in ("datasets", "test_datasets"):
+        for i, ds in enumerate(getattr(cfg, group) or []):
+            if ds.format_name not in PREFERENCE_FORMATS:
+                out.append(Violation(((group, i, "type"),), f"rl: {rl} reads preference rows "
+                                     f"(prompt, {'completion, label' if rl == 'kto' else 'chosen, rejected'}): "
+                                     f"use type: chat_template (the chat template applied) or type: "
+                                     f"untemplated (plain text), not {ds.format_name}"))
+    return out
+
+
+RULES = (_model, _quantization, _adapter, _schedule, _eval_and_save, _precision, _distributed,
+         _preference)
 
 
 def check_rules(cfg: StropConfig) -> None:

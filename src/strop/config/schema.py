@@ -29,6 +29,9 @@ Optimizer = Literal[
 Scheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "one_cycle"]
 Attention = Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]
 DType = Literal["float32", "bfloat16", "float16"]
+PreferenceObjective = Literal["dpo", "ipo", "orpo", "simpo", "kto"]
+# axolotl's rl values that need generation or a reward model during training.
+ONLINE_RL = ("grpo", "gkd", "ppo", "rloo", "online_dpo", "xpo", "nash_md", "prm", "rm")
 
 # Field groups, in the order docs/config.md shows them.
 GROUPS = {
@@ -36,6 +39,7 @@ GROUPS = {
     "scratch": "Pretraining from scratch",
     "quant": "Quantization (bitsandbytes)",
     "adapter": "LoRA and QLoRA",
+    "preference": "Preference training (DPO, IPO, ORPO, SimPO, KTO)",
     "data": "Data",
     "batch": "Batches and length",
     "optim": "Optimizer and schedule",
@@ -261,6 +265,36 @@ class StropConfig(_Strict):
     peft_layers_to_transform: list[int] | None = Field(
         None, **doc("Wrap only these layer indices", "adapter"))
 
+    # ---------------------------------------------------------------- preference
+    rl: PreferenceObjective | None = Field(
+        None, **doc("Train on preferences instead of responses: dpo, ipo (a reference model); "
+                    "orpo, simpo (none); kto (unpaired: completion + label). Data: prompt, chosen "
+                    "and rejected (or completion and label) columns", "preference"))
+    rl_beta: float | None = Field(
+        None, gt=0, **doc("How far the policy may move from the reference (dpo, ipo, kto), or the "
+                          "reward scale (simpo); default 0.1, simpo 2.0", "preference"))
+    dpo_label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, **doc("dpo: probability that a pair's labels are flipped "
+                                   "(conservative DPO)", "preference"))
+    rpo_alpha: float | None = Field(
+        None, gt=0, **doc("dpo, ipo: add this x the chosen responses' NLL (RPO)", "preference"))
+    orpo_alpha: float | None = Field(
+        None, gt=0, **doc("orpo: weight of the odds-ratio term beside the NLL (default 0.1)",
+                          "preference"))
+    simpo_gamma: float | None = Field(
+        None, ge=0, **doc("simpo: target reward margin (default 0.5)", "preference"))
+    cpo_alpha: float | None = Field(
+        None, ge=0, **doc("simpo: weight of the chosen responses' NLL (default 0: pure SimPO)",
+                          "preference"))
+    kto_desirable_weight: float = Field(
+        1.0, gt=0, **doc("kto: weight of desirable completions", "preference"))
+    kto_undesirable_weight: float = Field(
+        1.0, gt=0, **doc("kto: weight of undesirable completions", "preference"))
+    precompute_ref_log_probs: bool = Field(
+        False, **doc("Score the training data with the reference model once before training, "
+                     "instead of at every step (always so for full fine-tuning, which has no "
+                     "second copy of the model)", "preference"))
+
     # ---------------------------------------------------------------- data
     datasets: list[DatasetConfig] = Field(
         ..., min_length=1, **doc("Training data (required): a list of {path, type, ...} entries",
@@ -425,10 +459,22 @@ class StropConfig(_Strict):
     @field_validator("learning_rate", "adam_epsilon", "weight_decay", "cosine_min_lr_ratio",
                      "warmup_ratio", "val_set_size", "lora_dropout", "num_epochs", "max_grad_norm",
                      "loraplus_lr_ratio", "loraplus_lr_embedding", "adam_beta1", "adam_beta2",
-                     "loss_watchdog_threshold", mode="before")
+                     "loss_watchdog_threshold", "rl_beta", "dpo_label_smoothing", "rpo_alpha",
+                     "orpo_alpha", "simpo_gamma", "cpo_alpha", mode="before")
     @classmethod
     def _numbers_from_strings(cls, value: Any) -> Any:
         return _str_to_float(value)
+
+    @field_validator("rl", mode="before")
+    @classmethod
+    def _offline_rl_only(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.lower() in ONLINE_RL:
+            raise ValueError(f"{value} generates or scores responses during training, which "
+                             "strop does not do; strop trains on preference data with dpo, ipo, "
+                             "orpo, simpo or kto")
+        if isinstance(value, str) and value.lower() in ("dpo", "ipo", "orpo", "simpo", "kto"):
+            return value.lower()
+        return value
 
     @field_validator("*", mode="before")
     @classmethod
@@ -538,6 +584,30 @@ class StropConfig(_Strict):
     @property
     def has_eval_data(self) -> bool:
         return bool(self.test_datasets) or self.val_set_size > 0
+
+    @property
+    def preference(self) -> bool:
+        return self.rl is not None
+
+    @property
+    def paired(self) -> bool:
+        """Rows are chosen/rejected pairs (every preference objective but kto)."""
+        return self.rl is not None and self.rl != "kto"
+
+    @property
+    def beta(self) -> float:
+        return self.rl_beta if self.rl_beta is not None else (2.0 if self.rl == "simpo" else 0.1)
+
+    @property
+    def row_len(self) -> int:
+        """Tokens one training row may hold: sequence_len, or two documents of a preference
+        row (each held to sequence_len)."""
+        return self.sequence_len * (2 if self.rl is not None else 1)
+
+    @property
+    def uses_reference(self) -> bool:
+        """dpo, ipo and kto compare the policy with a reference model; orpo and simpo do not."""
+        return self.rl in ("dpo", "ipo", "kto")
 
     @property
     def uses_lora(self) -> bool:

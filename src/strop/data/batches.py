@@ -107,6 +107,9 @@ class MaskedLM:
         return masked, labels
 
 
+_MODEL_COLUMNS = {"input_ids", "labels", "position_ids"}
+
+
 class Collator:
     """Rows -> a dict of (B, T) int64 tensors, right-padded.
 
@@ -141,6 +144,11 @@ class Collator:
                 positions[i, :n] = row["position_ids"]
                 positions[i, n:] = np.arange(width - n)
         out = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
+        for name in rows[0].keys() - _MODEL_COLUMNS:  # extra columns, zero where padded
+            column = np.zeros((batch, width), dtype=np.asarray(rows[0][name]).dtype)
+            for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+                column[i, :n] = row[name]
+            out[name] = torch.from_numpy(column)
         if self.mlm is not None:
             out["input_ids"], out["labels"] = self.mlm(out["input_ids"], torch.from_numpy(mask),
                                                        generator)
@@ -166,4 +174,4 @@ def make_collator(cfg, tokenizer) -> Collator:
                              "special_tokens: {mask_token: '[MASK]'} or train a wordpiece "
                              "tokenizer (pretrain_tokenizer: {type: wordpiece})")
         mlm = MaskedLM(tokenizer.mask_token_id, len(tokenizer), tokenizer.all_special_ids)
-    return Collator(pad_id, cfg.sequence_len if cfg.pads_to_sequence_len else None, mlm)
+    return Collator(pad_id, cfg.row_len if cfg.pads_to_sequence_len else None, mlm)

@@ -27,7 +27,7 @@ DEFAULT_DIR = ".strop-cache/prepared"
 KEYS = ("sequence_len", "sample_packing", "eval_sample_packing", "train_on_inputs",
         "excess_length_strategy", "drop_long_sequences", "min_sample_len", "skip_invalid_rows",
         "val_set_size", "seed", "shuffle_merged_datasets", "objective", "chat_template",
-        "chat_template_jinja")
+        "chat_template_jinja", "rl")
 
 
 def _file_digest(path: Path) -> str:

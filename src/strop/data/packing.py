@@ -65,8 +65,10 @@ def pack(rows: TokenRows, sequence_len: int) -> TokenRows:
     bin_lengths = np.fromiter((int(lengths[b].sum()) for b in bins), dtype=np.int64, count=len(bins))
     offsets = np.zeros(len(bins) + 1, dtype=np.int64)
     np.cumsum(bin_lengths, out=offsets[1:])
-    positions = restarting_positions(lengths[order])
-    return TokenRows(rows.input_ids[gather], rows.labels[gather], offsets, positions)
+    # Rows that already hold several documents (a preference pair) keep their own positions.
+    positions = rows.position_ids[gather] if rows.packed else restarting_positions(lengths[order])
+    return TokenRows(rows.input_ids[gather], rows.labels[gather], offsets, positions,
+                     {name: column[gather] for name, column in rows.extra.items()})
 
 
 def split_long(rows: TokenRows, sequence_len: int) -> TokenRows:

@@ -104,6 +104,9 @@ def tokenize_dataset(ds, cfg, tokenizer, encoder: Encoder | None = None,
     keep_all (for `strop data check`) keeps rows that training would drop, untruncated, and
     collects each row's own text (without the template) for duplicate detection.
     """
+    if cfg.preference:
+        return _tokenize_preference(ds, cfg, tokenizer, encoder or Encoder(tokenizer), cache_dir,
+                                    keep_all, on_rows)
     fmt = make_format(ds, cfg, tokenizer)
     encoder = encoder or Encoder(tokenizer)
     done: list[TokenRows] = []  # one per chunk: flat arrays, 4 bytes a token
@@ -153,6 +156,43 @@ def tokenize_dataset(ds, cfg, tokenizer, encoder: Encoder | None = None,
     for result in ordered_map(work, _chunks(iter_rows(ds, cache_dir), CHUNK), _workers(cfg)):
         take(result)
     return Part(ds.path, TokenRows.concat(done), fmt.blocks, wheres, bad, counts, texts)
+
+
+def _tokenize_preference(ds, cfg, tokenizer, encoder: Encoder, cache_dir: Path | None,
+                         keep_all: bool, on_rows: Callable[[int], None] | None) -> Part:
+    """tokenize_dataset for preference rows: one row per example, two documents each
+    (strop.data.preference). keep_all (`strop data check`) keeps every document as its own
+    row, untruncated, with its `side` column and its own text."""
+    from strop.data.preference import PreferenceFormat, assemble, render_examples
+
+    fmt = PreferenceFormat(ds, cfg, tokenizer)
+    done: list[TokenRows] = []
+    wheres: list[str] = []
+    texts: list[str] = []
+    bad: list[BadRow] = []
+    counts: Counter = Counter()
+
+    def work(chunk: list) -> tuple[TokenRows, list[int], list[str], list, list[str]]:
+        rendered, sides, places, problems = render_examples(fmt, chunk)
+        docs = encoder.encode_rows(rendered)
+        return docs, sides, places, problems, [r.text for r in rendered] if keep_all else []
+
+    for docs, sides, places, problems, own in ordered_map(
+            work, _chunks(iter_rows(ds, cache_dir), CHUNK), _workers(cfg)):
+        bad.extend(problems)
+        if on_rows is not None:
+            on_rows(len(places) + len(problems))
+        if keep_all:
+            side = np.repeat(np.asarray(sides, dtype=np.int8), docs.lengths)
+            done.append(docs.with_column("side", side))
+            wheres.extend(w for w in places for _ in range(2))
+            texts.extend(own)
+            continue
+        rows, kept = assemble(docs, sides, places, cfg, counts)
+        done.append(rows)
+        wheres.extend(kept)
+    rows = TokenRows.concat(done) if done else TokenRows.empty(packed=not keep_all)
+    return Part(ds.path, rows, False, wheres, bad, counts, texts)
 
 
 def _length_rules(rows: TokenRows, places: list[str], is_text: bool, cfg,
@@ -237,6 +277,8 @@ def _assemble(rows: TokenRows, is_text: np.ndarray, sequence_len: int, packing: 
     else:
         text = rows.select(np.flatnonzero(is_text))
         sft = rows.select(np.flatnonzero(~is_text))
+    if sft.packed and not len(text):  # preference rows: two documents each, never split
+        return pack(sft, 2 * sequence_len) if packing else sft
     if packing:
         return pack(TokenRows.concat([split_long(text, sequence_len), sft]), sequence_len)
     return TokenRows.concat([blocks(text, sequence_len), sft])

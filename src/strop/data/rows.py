@@ -19,20 +19,31 @@ COLUMNS = ("input_ids", "labels", "position_ids")
 
 
 class TokenRows(Sequence):
-    """Rows `{"input_ids", "labels"[, "position_ids"]}` over flat arrays.
+    """Rows `{"input_ids", "labels"[, "position_ids"], *extra}` over flat arrays.
 
     `offsets[i]:offsets[i + 1]` is row i's slice of every column. `position_ids` is present only
-    for packed rows (positions restart at 0 for each document inside a row).
+    for packed rows (positions restart at 0 for each document inside a row). `extra` holds more
+    per-token columns that travel with the tokens through selection, packing and the cache
+    (preference rows: which side of a pair a token belongs to, and its reference log-prob).
     """
 
     def __init__(self, input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray,
-                 position_ids: np.ndarray | None = None):
+                 position_ids: np.ndarray | None = None,
+                 extra: dict[str, np.ndarray] | None = None):
         if len(input_ids) != len(labels) or offsets[-1] != len(input_ids):
             raise ValueError("input_ids, labels and offsets disagree")
         self.input_ids = input_ids
         self.labels = labels
         self.offsets = offsets
         self.position_ids = position_ids
+        self.extra = dict(extra or {})
+        if any(len(column) != len(input_ids) for column in self.extra.values()):
+            raise ValueError("an extra column's length is not the number of tokens")
+
+    def with_column(self, name: str, values: np.ndarray) -> TokenRows:
+        """The same rows with one more per-token column."""
+        return TokenRows(self.input_ids, self.labels, self.offsets, self.position_ids,
+                         {**self.extra, name: values})
 
     @classmethod
     def empty(cls, packed: bool = False) -> TokenRows:
@@ -97,6 +108,8 @@ class TokenRows(Sequence):
         row = {"input_ids": self.input_ids[a:b].tolist(), "labels": self.labels[a:b].tolist()}
         if self.position_ids is not None:
             row["position_ids"] = self.position_ids[a:b].tolist()
+        for name, column in self.extra.items():
+            row[name] = column[a:b].tolist()
         return row
 
     def arrays(self, i: int) -> dict[str, np.ndarray]:
@@ -105,6 +118,8 @@ class TokenRows(Sequence):
         row = {"input_ids": self.input_ids[a:b], "labels": self.labels[a:b]}
         if self.position_ids is not None:
             row["position_ids"] = self.position_ids[a:b]
+        for name, column in self.extra.items():
+            row[name] = column[a:b]
         return row
 
     def select(self, indices: Sequence[int] | np.ndarray) -> TokenRows:
@@ -118,7 +133,8 @@ class TokenRows(Sequence):
         offsets = np.zeros(len(starts) + 1, dtype=np.int64)
         np.cumsum(ends - starts, out=offsets[1:])
         pos = self.position_ids[gather] if self.position_ids is not None else None
-        return TokenRows(self.input_ids[gather], self.labels[gather], offsets, pos)
+        return TokenRows(self.input_ids[gather], self.labels[gather], offsets, pos,
+                         {name: column[gather] for name, column in self.extra.items()})
 
     @staticmethod
     def concat(parts: Iterable[TokenRows]) -> TokenRows:
@@ -127,6 +143,8 @@ class TokenRows(Sequence):
             return TokenRows.empty()
         if len({p.packed for p in parts}) > 1:
             raise ValueError("cannot mix packed and unpacked rows")
+        if len({tuple(sorted(p.extra)) for p in parts}) > 1:
+            raise ValueError("cannot mix rows with different columns")
         if len(parts) == 1:
             return parts[0]
         lengths = np.concatenate([p.lengths for p in parts])
@@ -134,7 +152,9 @@ class TokenRows(Sequence):
         np.cumsum(lengths, out=offsets[1:])
         pos = np.concatenate([p.position_ids for p in parts]) if parts[0].packed else None
         return TokenRows(np.concatenate([p.input_ids for p in parts]),
-                         np.concatenate([p.labels for p in parts]), offsets, pos)
+                         np.concatenate([p.labels for p in parts]), offsets, pos,
+                         {name: np.concatenate([p.extra[name] for p in parts])
+                          for name in parts[0].extra})
 
     # ------------------------------------------------------------------------------ on disk
     def save(self, folder: Path) -> None:
@@ -144,15 +164,19 @@ class TokenRows(Sequence):
         np.save(folder / "offsets.npy", self.offsets)
         if self.position_ids is not None:
             np.save(folder / "position_ids.npy", self.position_ids)
+        for name, column in self.extra.items():
+            np.save(folder / f"extra.{name}.npy", column)
 
     @classmethod
     def load(cls, folder: Path, mmap: bool = True) -> TokenRows:
         mode = "r" if mmap else None
         pos_file = folder / "position_ids.npy"
+        extra = {path.name[len("extra."):-len(".npy")]: np.load(path, mmap_mode=mode)
+                 for path in sorted(folder.glob("extra.*.npy"))}
         return cls(np.load(folder / "input_ids.npy", mmap_mode=mode),
                    np.load(folder / "labels.npy", mmap_mode=mode),
                    np.load(folder / "offsets.npy"),
-                   np.load(pos_file, mmap_mode=mode) if pos_file.exists() else None)
+                   np.load(pos_file, mmap_mode=mode) if pos_file.exists() else None, extra)
 
 
 def ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:

@@ -114,7 +114,7 @@ def eval_loss(loaded: Loaded, batch_size: int = 16) -> dict[str, float | int] | 
         [data.eval[int(i)] for i in indices],
         generator=batch_generator(cfg.seed, EVAL_STREAM, index)).items()}
         for index, indices in enumerate(plan.epoch(0)))
-    result = evaluation_loss(loaded.model, loss_model.loss_sum, batches)
+    result = evaluation_loss(loaded.model, loss_model, batches)
     return {"eval_loss": result["eval_loss"], "perplexity": result["eval_ppl"],
             "tokens": result["eval_tokens"]}
 

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -114,6 +115,15 @@ def all_sum(world: World, *values: float) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=_comm_device())
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def all_sum_array(world: World, values: np.ndarray) -> np.ndarray:
+    """The elementwise sum over all ranks of a float32 array (each rank filled its share)."""
+    if not world.many:
+        return values
+    tensor = torch.from_numpy(values).to(_comm_device())
+    dist.all_reduce(tensor)
+    return tensor.cpu().numpy()
 
 
 def any_rank(world: World, flag: bool) -> bool:
@@ -242,8 +252,8 @@ class LossForward(nn.Module):
         self.model = loss_model.model
         self._loss_model = loss_model
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        return self._loss_model.loss_sum(batch)
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+        return self._loss_model.parts(batch)
 
 
 def wrap(loss_model: Any, cfg: StropConfig, world: World, device: str) -> nn.Module:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from strop.train.loss import OutputHead, lm_loss_sum, reference_loss_sum
+from strop.train.loss import OutputHead, count_trained_tokens, lm_loss_sum, reference_loss_sum
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -43,6 +43,17 @@ class LossModel:
                           softcap=getattr(config, "final_logit_softcapping", None),
                           scale=getattr(config, "logit_scale", None))
         return cls(model, decoder, head, shift=True)
+
+    def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        """What the batch's loss is normalised by: its trained tokens."""
+        if self.decoder is None:
+            return {"tokens": int((batch["labels"] != -100).sum())}
+        return {"tokens": count_trained_tokens(batch["labels"], self.shift)}
+
+    def parts(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+        """The loss's sums by unit (one: tokens) and metric sums (none): the form every loss
+        model gives the loop (strop.train.preference has two units and metrics)."""
+        return {"tokens": self.loss_sum(batch)[0]}, {}
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Summed loss over the batch's trained tokens, and their count."""

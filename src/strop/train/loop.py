@@ -14,7 +14,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,8 @@ def setup(loaded: LoadedConfig, overwrite: bool = False, world: World = SINGLE) 
         unwrap(model).gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": cfg.checkpointing_reentrant})
     loss_model = LossModel.of(model, cfg.objective)
+    if cfg.preference:
+        loss_model = _preference_loss(cfg, model, loss_model, data, tokenizer, precision, world)
     if cfg.compile_model:
         loss_model = compiled(loss_model)
     # logical shapes: a 4-bit base counts its values, not its packed bytes (as the adapter
@@ -170,6 +172,34 @@ def setup(loaded: LoadedConfig, overwrite: bool = False, world: World = SINGLE) 
     return run
 
 
+def _preference_loss(cfg, model, loss_model: LossModel, data, tokenizer, precision: Precision,
+                     world: World):
+    """The preference loss model; the reference's log-probs scored now, before any weight
+    moves, when the run has no live reference (full fine-tuning: no second copy of the model)
+    or asks for them (precompute_ref_log_probs)."""
+    from strop.data.batches import make_collator
+    from strop.train import preference
+
+    precomputed = cfg.uses_reference and (cfg.precompute_ref_log_probs or not cfg.uses_lora)
+    scorer = preference.of(model, loss_model, cfg, precomputed)
+    if precomputed:
+        started = time.perf_counter()
+        collate = make_collator(cfg, tokenizer)
+        alone = world.strategy == "fsdp" and cfg.fsdp.cpu_ram_efficient_loading
+        for split in ("train", "eval"):
+            rows = getattr(data, split)
+            if rows is None or not len(rows):
+                continue
+            values = preference.precompute_reference(
+                scorer, rows, collate, cfg.effective_eval_batch_size, precision.device,
+                precision.autocast(), world, cfg.uses_lora, alone)
+            setattr(data, split, rows.with_column("ref_logps", values))
+        if world.main:
+            print(f"scored the reference's log-probs in {time.perf_counter() - started:.1f}s",
+                  flush=True)
+    return scorer
+
+
 def _peak_flops(precision: Precision) -> float | None:
     from strop.recipe.hardware import device_peak_flops
 
@@ -184,33 +214,67 @@ def evaluate(run: Run) -> dict[str, float]:
     share), dropout off."""
     batches, _ = my_batches(run, run.data.eval, list(enumerate(run.eval_plan.epoch(0))),
                              EVAL_STREAM)
-    return evaluation_loss(run.model, run.step_module, batches, run.precision.autocast(),
-                           run.world)
+    return evaluation_loss(run.model, run.loss_model, batches, run.precision.autocast(),
+                           run.world, forward=run.step_module)
 
 
-def _train_step(run: Run, window: list[tuple[int, Any]]) -> tuple[float, float, int, int]:
+@dataclass
+class StepResult:
+    loss: float  # the window's loss, each unit's sum over its count
+    grad_norm: float
+    trained: int  # trained tokens of the window (all ranks)
+    tokens: int
+    weight: int  # how many of the loss's first unit (tokens, pairs): its weight in a log line
+    metrics: dict[str, tuple[float, float]]  # name -> (sum, count), all ranks
+
+
+def window_loss(loss_model: Any, batches: list[dict[str, torch.Tensor]],
+                world: World) -> dict[str, float]:
+    """Each unit of the loss over the window of all ranks: tokens (SFT), or pairs and the chosen
+    tokens of an NLL term (preference). Counted before any forward, since every micro-batch's
+    backward needs them."""
+    counts: dict[str, float] = {}
+    for batch in batches:
+        for unit, n in loss_model.counts(batch).items():
+            counts[unit] = counts.get(unit, 0) + n
+    units = sorted(counts)
+    return dict(zip(units, distributed.all_sum(world, *(counts[u] for u in units)), strict=True))
+
+
+def _train_step(run: Run, window: list[tuple[int, Any]]) -> StepResult:
     """One optimizer step over a window of micro-batches.
 
-    Returns (loss, grad norm, trained tokens, tokens); a non-finite loss or gradient leaves the
-    weights untouched and returns it as is, for the caller to count.
+    A non-finite loss or gradient leaves the weights untouched and is returned as is, for the
+    caller to count.
     """
     world = run.world
     batches, tokens = my_batches(run, run.data.train, window, run.state.epoch)
-    # Normalise by every trained token of the window (of all ranks), not per micro-batch: the
-    # same loss and gradients whatever the micro_batch_size x gradient_accumulation_steps x
-    # processes split. DDP and FSDP2 average gradients over ranks, hence the world size.
+    # Normalise by every unit of the window (of all ranks), not per micro-batch: the same loss
+    # and gradients whatever the micro_batch_size x gradient_accumulation_steps x processes
+    # split. DDP and FSDP2 average gradients over ranks, hence the world size.
+    units = window_loss(run.loss_model, batches, world)
     local = sum(count_trained_tokens(b["labels"], run.loss_model.shift) for b in batches)
-    n_window, tokens = (int(x) for x in distributed.all_sum(world, local, tokens))
-    total = 0.0
+    trained, tokens = (int(x) for x in distributed.all_sum(world, local, tokens))
+    totals = dict.fromkeys(units, 0.0)
+    metrics: dict[str, list[float]] = {}
     for i, batch in enumerate(batches):
         with distributed.accumulating(run.step_module, world, last=i == len(batches) - 1):
             with run.precision.autocast():
-                loss_sum, _ = run.step_module(batch)
-            loss = loss_sum * (world.size / max(n_window, 1))
+                sums, batch_metrics = run.step_module(batch)
+            loss = sum(value * (world.size / max(units[unit], 1)) for unit, value in sums.items())
             (run.scaler.scale(loss) if run.scaler else loss).backward()
-        total += float(loss_sum.detach())
-    total = distributed.all_sum(world, total)[0]
-    loss_value = total / max(n_window, 1)
+        for unit, value in sums.items():
+            totals[unit] += float(value.detach())
+        for name, (value, count) in batch_metrics.items():
+            kept = metrics.setdefault(name, [0.0, 0.0])
+            kept[0] += float(value)
+            kept[1] += float(count)
+    names = sorted(metrics)
+    summed = distributed.all_sum(world, *(totals[u] for u in units),
+                                 *(x for n in names for x in metrics[n]))
+    loss_value = sum(v / max(units[u], 1) for u, v in zip(units, summed, strict=False))
+    rest = summed[len(units):]
+    window_metrics = {n: (rest[2 * k], rest[2 * k + 1]) for k, n in enumerate(names)}
     params = [p for p in run.model.parameters() if p.requires_grad]
     if run.scaler:
         run.scaler.unscale_(run.optimizer)
@@ -226,7 +290,8 @@ def _train_step(run: Run, window: list[tuple[int, Any]]) -> tuple[float, float, 
         run.scaler.update()  # let the scaler back off after an overflow
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
-    return loss_value, grad_norm, n_window, tokens
+    weight = int(next(iter(units.values()))) if units else 0
+    return StepResult(loss_value, grad_norm, trained, tokens, weight, window_metrics)
 
 
 def _windows(run: Run, epoch: int) -> list[list[tuple[int, Any]]]:
@@ -251,10 +316,21 @@ class Outcome:
 class SinceLog:
     """What the steps since the last logged one trained (finite steps only)."""
 
-    loss_sum: float = 0.0  # loss x trained tokens, summed
+    loss_sum: float = 0.0  # loss x its weight (trained tokens, pairs), summed
+    weight: int = 0
     trained: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    metrics: dict[str, tuple[float, float]] = field(default_factory=dict)  # (sum, count)
+
+    def add(self, step: StepResult, seconds: float) -> SinceLog:
+        metrics = dict(self.metrics)
+        for name, (value, count) in step.metrics.items():
+            had = metrics.get(name, (0.0, 0.0))
+            metrics[name] = (had[0] + value, had[1] + count)
+        return SinceLog(self.loss_sum + step.loss * step.weight, self.weight + step.weight,
+                        self.trained + step.trained, self.tokens + step.tokens,
+                        self.seconds + seconds, metrics)
 
 
 def fit(run: Run) -> dict[str, Any]:
@@ -305,19 +381,18 @@ def _step(run: Run, window: list[tuple[int, Any]], log: MetricsLog,
     """Train one optimizer step, count it, log it when due, evaluate when due."""
     state = run.state
     started = time.perf_counter()
-    loss, grad_norm, trained, tokens = _train_step(run, window)
+    result = _train_step(run, window)
     elapsed = time.perf_counter() - started
     state.step += 1
     state.window_in_epoch += 1
     state.train_seconds += elapsed
-    outcome = _check_step(run, loss, grad_norm)
-    if math.isfinite(loss):
-        state.tokens += tokens
-        state.trained_tokens += trained
-        since_log = SinceLog(since_log.loss_sum + loss * trained, since_log.trained + trained,
-                             since_log.tokens + tokens, since_log.seconds + elapsed)
+    outcome = _check_step(run, result.loss, result.grad_norm)
+    if math.isfinite(result.loss):
+        state.tokens += result.tokens
+        state.trained_tokens += result.trained
+        since_log = since_log.add(result, elapsed)
     if state.step % run.log_every == 0 or state.step == run.total_steps:
-        _log_train(run, log, grad_norm, since_log)
+        _log_train(run, log, result.grad_norm, since_log)
         since_log = SinceLog()
     else:
         log.advance(state.step)
@@ -353,7 +428,7 @@ def _check_step(run: Run, loss: float, grad_norm: float) -> Outcome:
 
 def _log_train(run: Run, log: MetricsLog, grad_norm: float, since: SinceLog) -> None:
     state = run.state
-    loss = since.loss_sum / since.trained if since.trained else float("nan")
+    loss = since.loss_sum / since.weight if since.weight else float("nan")
     seconds = since.seconds
     trained_per_s = since.trained / seconds if seconds else 0.0
     tokens_per_s = since.tokens / seconds if seconds else 0.0
@@ -364,7 +439,8 @@ def _log_train(run: Run, log: MetricsLog, grad_norm: float, since: SinceLog) -> 
               "trained_tokens_per_s": trained_per_s, "tokens_per_s": tokens_per_s,
               "mfu": run.mfu(tokens_per_s),
               "peak_memory_bytes": peak_memory_bytes(run.precision.device),
-              "skipped_steps": state.skipped_steps, "world_size": run.world.size}
+              "skipped_steps": state.skipped_steps, "world_size": run.world.size,
+              **{name: value / count for name, (value, count) in since.metrics.items() if count}}
     log.write(record)
     log.show(state.step, {"loss": loss, "lr": record["lr"], "tok/s": round(trained_per_s)})
 
@@ -379,8 +455,9 @@ def _evaluate_and_maybe_stop(run: Run, log: MetricsLog, final: bool = False) -> 
     result = {"kind": "eval", "step": state.step, **result}
     state.history.append(result)
     log.write(result)
-    log.message(f"eval at step {state.step}: loss {result['eval_loss']:.4f}, "
-                f"perplexity {result['eval_ppl']:.2f}")
+    said = f"perplexity {result['eval_ppl']:.2f}" if "eval_ppl" in result else \
+        f"reward accuracy {result.get('eval_rewards/accuracies', float('nan')):.3f}"
+    log.message(f"eval at step {state.step}: loss {result['eval_loss']:.4f}, {said}")
     if state.best_eval_loss is None or result["eval_loss"] < state.best_eval_loss:
         state.best_eval_loss = result["eval_loss"]
         state.best_checkpoint = f"checkpoint-{state.step}"

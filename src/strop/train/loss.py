@@ -179,3 +179,103 @@ def reference_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool =
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
+
+
+# ------------------------------------------------------------------------ per-token log-probs
+
+
+class _LinearLogProb(torch.autograd.Function):
+    """log softmax(h @ W.T + b)[y] for each row, in chunks, for a head that does not train.
+
+    A preference loss weighs each sequence's log-prob by a factor known only after every
+    sequence is scored, so the head's gradient cannot be summed in the forward pass as
+    _LinearCrossEntropy does. What can: d logp_i / d h_i = (onehot(y_i) - softmax_i) @ W,
+    one (H,) row per token, saved instead of the (N, V) logits; backward scales each row by its
+    token's incoming gradient. W itself gets no gradient (a frozen head: LoRA, or a full
+    fine-tune whose head is tied or frozen takes the checkpointed path instead).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows: int, dtype: torch.dtype):
+        # hidden: (N, H), weight: (V, H), targets: (N,)
+        n = hidden.shape[0]
+        w = weight.to(dtype)
+        grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk_rows):
+            h = hidden[start:start + chunk_rows].to(dtype)  # (C, H)
+            y = targets[start:start + chunk_rows]  # (C,)
+            logits = (h @ w.T).float()  # (C, V)
+            if bias is not None:
+                logits += bias.float()
+            row_max = logits.amax(dim=-1, keepdim=True)
+            target_logits = logits.gather(1, y[:, None]).squeeze(1)
+            probs = logits.sub_(row_max).exp_()
+            sums = probs.sum(dim=-1, keepdim=True)
+            out[start:start + chunk_rows] = target_logits - (row_max + sums.log()).squeeze(1)
+            probs.div_(sums).neg_()  # -softmax ...
+            probs[torch.arange(y.shape[0], device=y.device), y] += 1.0  # ... + onehot
+            grad_h[start:start + chunk_rows] = probs.to(dtype) @ w
+            del logits, probs
+        ctx.save_for_backward(grad_h)
+        ctx.input_dtype = hidden.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_h,) = ctx.saved_tensors
+        return (grad_h * grad_out[:, None]).to(ctx.input_dtype), None, None, None, None, None
+
+
+def _logprobs_plain(hidden: torch.Tensor, targets: torch.Tensor, head: OutputHead,
+                    chunk_rows: int) -> torch.Tensor:
+    """Per-row target log-probs through any head, a chunk at a time; under autograd each chunk
+    is recomputed in backward, so its logits are never all kept."""
+    def chunk(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = head.logits(h)  # (C, V), fp32
+        return logits.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+    parts = []
+    for start in range(0, targets.shape[0], chunk_rows):
+        h, y = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
+        parts.append(torch.utils.checkpoint.checkpoint(chunk, h, y, use_reentrant=False)
+                     if torch.is_grad_enabled() else chunk(h, y))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def token_logprobs(hidden: torch.Tensor, labels: torch.Tensor, head: OutputHead, *,
+                   chunk_rows: int = LOSS_CHUNK_ROWS) -> torch.Tensor:
+    """log p(label_t | tokens < t) at every trained label position, 0 elsewhere: (B, T) fp32.
+
+    hidden: (B, T, H) final hidden states of a causal LM; labels: (B, T), -100 where not
+    trained. Only trained positions go through the head.
+    """
+    mask = trained_positions(labels, shift=True)  # (B, T): position t predicts label t + 1
+    targets = _targets(labels, mask, shift=True)  # (N,)
+    selected = hidden[mask]  # (N, H)
+    linear = head.linear()
+    if linear is not None and not linear.weight.requires_grad and \
+            (linear.bias is None or not linear.bias.requires_grad):
+        dtype = selected.dtype if selected.dtype != torch.float32 else linear.weight.dtype
+        if torch.is_autocast_enabled(selected.device.type):
+            dtype = torch.get_autocast_dtype(selected.device.type)
+        with torch.autocast(selected.device.type, enabled=False):
+            values = _LinearLogProb.apply(selected, linear.weight, linear.bias, targets,
+                                          chunk_rows, dtype)
+    else:
+        values = _logprobs_plain(selected, targets, head, chunk_rows)
+    out = hidden.new_zeros(labels.shape, dtype=torch.float32)
+    # at the label's own position: the value predicted from the position before it
+    label_mask = torch.zeros_like(mask)
+    label_mask[:, 1:] = mask[:, :-1]
+    return out.masked_scatter(label_mask, values)
+
+
+def reference_token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Plain full-logits log-probs at label positions: what token_logprobs is tested against."""
+    logp = torch.log_softmax(logits.float(), dim=-1)[:, :-1]  # (B, T-1, V)
+    targets = labels[:, 1:].clamp(min=0)
+    values = logp.gather(2, targets[..., None]).squeeze(-1)  # (B, T-1)
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
+    out[:, 1:] = torch.where(labels[:, 1:] != IGNORE, values, 0.0)
+    return out

@@ -89,6 +89,8 @@ def my_batches(run: Run, rows: Any, window: list[tuple[int, Any]],
                           run.precision.device)
         if item is None:
             batch["labels"].fill_(-100)
+            if "side" in batch:  # preference rows: no pair or example either
+                batch["side"].zero_()
         else:
             tokens += sum(len(r["input_ids"]) for r in group)
         batches.append(batch)
