@@ -97,6 +97,10 @@ def _gate(figures: dict, strict: bool) -> None:
         problems.append(f"{figures['invalid_rows']} invalid row(s), listed above")
     if figures["valid_rows"] and figures["empty_responses"] == figures["valid_rows"]:
         problems.append("every response is empty")
+    pairs = figures.get("preference", {})
+    if pairs.get("identical_pairs"):
+        problems.append(f"{pairs['identical_pairs']} pair(s) whose chosen and rejected responses "
+                        "are the same")
     if problems and strict:
         raise StropError(f"the dataset fails the check: {'; '.join(problems)}; fix the data, or "
                          "pass --no-strict to report without failing")

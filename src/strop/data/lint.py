@@ -104,7 +104,63 @@ def check(cfg, tokenizer) -> Checked:
         "trained_tokens_per_epoch": int(np.where(text_rows, lengths, trained_cut).sum()),
     }
     figures["distinct_1"], figures["distinct_2"] = distinct_ratios(rows, special)
+    if "side" in rows.extra:
+        figures["preference"] = preference_figures(rows, response, trained_cut, seq)
     return Checked(figures, rows, prompt, response)
+
+
+def preference_figures(rows: TokenRows, response: np.ndarray, trained_cut: np.ndarray,
+                       seq: int) -> dict[str, Any]:
+    """What only preference data can get wrong: pairs whose two responses are the same (they
+    teach nothing), responses cut by sequence_len (the end token the model should learn to
+    prefer is lost, or the whole response), and a length bias between chosen and rejected
+    (a model learns "longer wins" before it learns what was asked). kto: the balance of
+    desirable and undesirable completions. Every document is a row of `rows`."""
+    from strop.data.preference import CHOSEN, DESIRABLE, REJECTED, UNDESIRABLE
+
+    sides = rows.extra["side"][rows.offsets[:-1]] if len(rows) else np.zeros(0, np.int8)
+    cut = trained_cut < response  # a response loses tokens to sequence_len
+    if (sides == DESIRABLE).any() or (sides == UNDESIRABLE).any():
+        good, bad = int((sides == DESIRABLE).sum()), int((sides == UNDESIRABLE).sum())
+        return {"examples": good + bad, "desirable": good, "undesirable": bad,
+                "cut_responses": int(cut.sum())}
+    chosen, rejected = np.flatnonzero(sides == CHOSEN), np.flatnonzero(sides == REJECTED)
+    pairs = len(chosen)
+
+    def trained_ids(i: int) -> np.ndarray:
+        a, b = int(rows.offsets[i]), int(rows.offsets[i + 1])
+        return rows.input_ids[a:b][rows.labels[a:b] != IGNORE]
+
+    identical = sum(np.array_equal(trained_ids(c), trained_ids(r))
+                    for c, r in zip(chosen, rejected, strict=True))
+    longer = response[chosen] > response[rejected]
+    return {
+        "pairs": pairs,
+        "identical_pairs": int(identical),
+        "cut_pairs": int((cut[chosen] | cut[rejected]).sum()),
+        "chosen_response_tokens": round(float(response[chosen].mean()), 1) if pairs else 0.0,
+        "rejected_response_tokens": round(float(response[rejected].mean()), 1) if pairs else 0.0,
+        "chosen_longer_pct": _pct(int(longer.sum()), pairs),
+    }
+
+
+def preference_lines(f: dict[str, Any]) -> list[str]:
+    if "desirable" in f:
+        return [f"kto examples      {f['examples']}  (desirable {f['desirable']}, undesirable "
+                f"{f['undesirable']})",
+                f"cut responses     {f['cut_responses']} (over sequence_len)"]
+    bias = f["chosen_longer_pct"]
+    note = "  <- length bias: a model can learn 'longer wins'" if pairs_biased(f) else ""
+    return [f"pairs             {f['pairs']}  (each side counted as a row above)",
+            f"identical pairs   {f['identical_pairs']}  (chosen == rejected: nothing to learn)",
+            f"cut pairs         {f['cut_pairs']}  (a response cut by sequence_len)",
+            f"length            chosen {f['chosen_response_tokens']} vs rejected "
+            f"{f['rejected_response_tokens']} response tokens; chosen longer in {bias}%{note}"]
+
+
+def pairs_biased(f: dict[str, Any]) -> bool:
+    """Chosen is the longer response in over 3/4 (or under 1/4) of 20 or more pairs."""
+    return f.get("pairs", 0) >= 20 and not 25 <= f["chosen_longer_pct"] <= 75
 
 
 def _specials_trained(rows: TokenRows, i: int, special: np.ndarray) -> int:
@@ -265,6 +321,8 @@ def report_lines(figures: dict[str, Any]) -> list[str]:
         f"packing           {f['packing_efficiency'] * 100:.1f}% of token slots used",
         f"tokens per epoch  {f['tokens_per_epoch']}  (trained {f['trained_tokens_per_epoch']})",
     ]
+    if "preference" in f:
+        lines += preference_lines(f["preference"])
     if f["invalid_rows"]:
         lines.append("bad rows:")
         lines += [f"  {b}" for b in f["bad_rows"]]

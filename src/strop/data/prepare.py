@@ -182,11 +182,14 @@ def _tokenize_preference(ds, cfg, tokenizer, encoder: Encoder, cache_dir: Path |
         bad.extend(problems)
         if on_rows is not None:
             on_rows(len(places) + len(problems))
-        if keep_all:
+        if keep_all:  # every document its own row; kto's KL documents are not the data's
+            from strop.data.preference import KL
+
+            real = np.flatnonzero(np.asarray(sides) != KL)
             side = np.repeat(np.asarray(sides, dtype=np.int8), docs.lengths)
-            done.append(docs.with_column("side", side))
-            wheres.extend(w for w in places for _ in range(2))
-            texts.extend(own)
+            done.append(docs.with_column("side", side).select(real))
+            wheres.extend(places[i // 2] for i in real)
+            texts.extend(own[i] for i in real)
             continue
         rows, kept = assemble(docs, sides, places, cfg, counts)
         done.append(rows)

@@ -291,13 +291,22 @@ def score(prompt_rows: Sequence[dict], generations: Sequence[Any]) -> dict[str, 
 def _reply_ids(tokenizer: Any, row: dict, side: str) -> tuple[list[int], int]:
     """The pair's prompt and one reply through the chat template, as training renders it:
     (token ids up to and including the reply's end-of-turn token, where the reply starts)."""
+    from strop.infer.generate import TURN_ENDS
+
     messages = [{"role": "user", "content": question(row)}]
+    reply = _content(row[side])
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(
-        messages + [{"role": "assistant", "content": _content(row[side])}], tokenize=False)
+        messages + [{"role": "assistant", "content": reply}], tokenize=False)
     if not full.startswith(prompt):
         raise ValueError("the chat template renders the prompt differently before a reply")
-    turn_end = full.index(tokenizer.eos_token, len(prompt)) + len(tokenizer.eos_token)
+    turn_end = full.index(reply, len(prompt)) + len(reply)
+    # The end-of-turn token right after the reply is part of it (what stops generation); the
+    # template's text after it (a newline) is the same for both replies and is left out.
+    for marker in (*TURN_ENDS, tokenizer.eos_token or TURN_ENDS[0]):
+        if full.startswith(marker, turn_end):
+            turn_end += len(marker)
+            break
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     ids = tokenizer(full[:turn_end], add_special_tokens=False)["input_ids"]
     if ids[:len(prompt_ids)] != prompt_ids:  # a token merged across the boundary

@@ -8,7 +8,8 @@
 - tasks: lm-eval-harness tasks, when lm-eval is installed.
 
 `evaluate_run(...)` returns a plain dict (the demo and `--json` use it):
-    {"model", "loss": {"eval_loss", "perplexity", "tokens"} | None,
+    {"model", "loss": {"eval_loss", "perplexity", "tokens"} | None (a preference run:
+     {"eval_loss", "pairs" or "examples", "reward_accuracy", "reward_margin"}),
      "generation": {"exact_match", "contains", "token_f1", "stop_rate", "n"} | None,
      "samples": [{"prompt", "reference", "output", "stopped"}, ...],
      "base": {"model", "loss", "generation", "samples"} | None, "tasks": {...} | None}
@@ -109,12 +110,23 @@ def eval_loss(loaded: Loaded, batch_size: int = 16) -> dict[str, float | int] | 
     plan = BatchPlan(data.eval, batch_size, seed=cfg.seed, shuffle=False)
     collate = make_collator(cfg, loaded.tokenizer)
     loss_model = LossModel.of(loaded.model, cfg.objective)
+    if cfg.preference:
+        from strop.train import preference
+
+        if cfg.uses_reference and not hasattr(loaded.model, "disable_adapter"):
+            return None  # a full fine-tune's reference is its base model, not loaded here
+        loss_model = preference.of(loaded.model, loss_model, cfg, precomputed=False)
     device = next(loaded.model.parameters()).device
     batches = ({k: v.to(device) for k, v in collate(
         [data.eval[int(i)] for i in indices],
         generator=batch_generator(cfg.seed, EVAL_STREAM, index)).items()}
         for index, indices in enumerate(plan.epoch(0)))
     result = evaluation_loss(loaded.model, loss_model, batches)
+    if cfg.preference:
+        unit = "examples" if cfg.rl == "kto" else "pairs"
+        return {"eval_loss": result["eval_loss"], unit: result[f"eval_{unit}"],
+                "reward_accuracy": result.get("eval_rewards/accuracies"),
+                "reward_margin": result.get("eval_rewards/margins")}
     return {"eval_loss": result["eval_loss"], "perplexity": result["eval_ppl"],
             "tokens": result["eval_tokens"]}
 
@@ -151,7 +163,9 @@ def render(result: dict[str, Any]) -> Any:
         table.add_column("base", justify="right")
         table.add_column("change", justify="right")
     rows = [("loss", "eval_loss", "eval loss"), ("loss", "perplexity", "perplexity"),
-            ("loss", "tokens", "eval tokens"), ("generation", "exact_match", "exact match"),
+            ("loss", "tokens", "eval tokens"), ("loss", "reward_accuracy", "reward accuracy"),
+            ("loss", "reward_margin", "reward margin"), ("loss", "pairs", "eval pairs"),
+            ("loss", "examples", "eval examples"), ("generation", "exact_match", "exact match"),
             ("generation", "contains", "contains answer"), ("generation", "token_f1", "token F1"),
             ("generation", "stop_rate", "stop rate (EOS)"), ("generation", "n", "rows")]
     for group, key, label in rows:

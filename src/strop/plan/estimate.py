@@ -102,7 +102,9 @@ def setup_for(cfg: StropConfig, device: str = "cuda", bf16_supported: bool = Tru
                            strategy=sharding if world_size > 1 else "single")
     return Setup(
         mode=training_mode(cfg),
-        micro_batch=cfg.micro_batch_size,
+        # a preference row is two sequences (chosen and rejected, or kto's completion and its
+        # KL pair), each up to sequence_len
+        micro_batch=cfg.micro_batch_size * (2 if cfg.preference else 1),
         seq_len=cfg.sequence_len,
         compute_bytes=decided.precision.compute_bytes,
         gradient_checkpointing=cfg.gradient_checkpointing,
@@ -123,7 +125,18 @@ def setup_for(cfg: StropConfig, device: str = "cuda", bf16_supported: bool = Tru
         logits_chunk=decided.logits_chunk,
         lean_norms=decided.lean_norms,
         lean_swiglu=decided.lean_swiglu,
+        reference_forwards=reference_forwards(cfg),
     )
+
+
+def reference_forwards(cfg: StropConfig) -> float:
+    """Reference-model forward passes per trained token of a preference run: every step under
+    LoRA (the base with the adapter off), once over the data when scored before training."""
+    if not cfg.uses_reference:
+        return 0.0
+    if cfg.uses_lora and not cfg.precompute_ref_log_probs:
+        return 1.0
+    return 1.0 / max(cfg.num_epochs, 1e-9) if not cfg.max_steps else 1.0
 
 
 def flops_per_token(facts: ModelFacts, setup: Setup, recompute: bool | None = None) -> float:
@@ -131,7 +144,10 @@ def flops_per_token(facts: ModelFacts, setup: Setup, recompute: bool | None = No
     params = facts.params
     full = setup.mode == "full"
     saved_in_base = 0 if full else params.modules_to_save
-    return tm.training_flops_per_token(
+    training = tm.training_flops_per_token(
         facts.shape, setup.seq_len, None if full else params.trainable, params.total,
         recompute=setup.gradient_checkpointing if recompute is None else recompute,
         trainable_in_base=saved_in_base)
+    forward = 2.0 * facts.shape.matmul_params_per_token \
+        + tm.attention_forward_flops_per_token(facts.shape, setup.seq_len)
+    return training + setup.reference_forwards * forward

@@ -83,6 +83,9 @@ class Setup:
     fused_loss: bool = False       # strop's chunked head + loss (gradients in the forward pass)
     lean_norms: bool = False       # strop's lean RMSNorm and SwiGLU (strop.train.lean_activations)
     lean_swiglu: bool = False
+    # preference training: forward passes of the reference model per trained token (1 when the
+    # LoRA base scores every step, 1 / epochs when scored once before training, else 0)
+    reference_forwards: float = 0.0
 
     @property
     def tokens(self) -> int:

@@ -10,7 +10,7 @@ assumed to overlap, as DDP's bucketed all-reduce and FSDP2's prefetched all-gath
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +78,7 @@ def build_plan(cfg: StropConfig, *, gpu: str | None = None, world_size: int = 1,
     plan: dict[str, Any] = {
         "model": _model_section(facts, cfg),
         "mode": training_mode(cfg),
+        "preference": _preference_section(cfg, ref_setup),
         "params": _params_section(facts, ref_setup),
         "setup": {**asdict(ref_setup), "device": reference.name},
         "memory": {"device": reference.name, "total_bytes": ref_memory.total,
@@ -212,6 +213,9 @@ def _device_row(facts: ModelFacts, cfg: StropConfig, device: Device, spread: Lay
     if device.kind == "cpu" and mfu is None and peak:
         # This CPU: the step's own pieces timed at their shapes; the MFU shown is what that implies.
         one = _cpu_tokens_per_second(facts, setup, cfg.gradient_accumulation_steps)
+        # the timed step has no reference pass: it costs in proportion to its FLOPs
+        one *= flops_per_token(facts, replace(setup, reference_forwards=0.0)) \
+            / flops_per_token(facts, setup)
         used_mfu = one * flops_per_token(facts, setup) / peak
     else:
         used_mfu = _mfu(device, setup, mfu)
@@ -347,6 +351,19 @@ def _hours(h: float | None) -> str:
     return f"{h:.1f} h" if h < 48 else f"{h / 24:.1f} days"
 
 
+def _preference_section(cfg: StropConfig, setup: Setup) -> dict[str, Any] | None:
+    if not cfg.preference:
+        return None
+    if not cfg.uses_reference:
+        reference = "none"
+    elif cfg.uses_lora and not cfg.precompute_ref_log_probs:
+        reference = "the base with the adapter off, every step"
+    else:
+        reference = "scored once before training"
+    return {"objective": cfg.rl, "sequences_per_row": 2, "reference": reference,
+            "reference_forwards_per_token": setup.reference_forwards}
+
+
 def render_text(plan: dict[str, Any]) -> str:
     m, p, mem, comp = plan["model"], plan["params"], plan["memory"], plan["compute"]
     lines = [f"model     {m['source']} ({m['model_type']}: {m['layers']} layers, hidden "
@@ -356,6 +373,7 @@ def render_text(plan: dict[str, Any]) -> str:
              f"{plan['setup']['seq_len']} tokens, gradient checkpointing "
              f"{'on' if plan['setup']['gradient_checkpointing'] else 'off'}, "
              f"{plan['setup']['attention']}, {plan['setup']['optimizer']}",
+             *_preference_lines(plan.get("preference")),
              "",
              f"parameters  total {count_text(p['total'])}, trainable {count_text(p['trainable'])} "
              f"({100 * p['trainable'] / max(p['total'], 1):.2f}%)"]
@@ -456,3 +474,12 @@ def round_floats(value: Any) -> Any:
     if isinstance(value, list):
         return [round_floats(v) for v in value]
     return value
+
+
+def _preference_lines(pref: dict[str, Any] | None) -> list[str]:
+    if not pref:
+        return []
+    extra = pref["reference_forwards_per_token"]
+    cost = f", +{extra:.2g} forward per token" if extra else ""
+    return [f"          {pref['objective']}: micro batch counts sequences, 2 per preference row; "
+            f"reference: {pref['reference']}{cost}"]

@@ -13,7 +13,17 @@ CHARTS = [
     ("grad_norm", "Gradient norm (before clipping)", "norm", [("train", "grad_norm", "")], True),
     ("tokens_per_s", "Throughput", "tokens/s",
      [("train", "tokens_per_s", "all"), ("train", "trained_tokens_per_s", "trained")], False),
+    # preference runs (rl:): TRL's metric names
+    ("rewards", "Rewards (beta x log-ratio to the reference)", "reward",
+     [("train", "rewards/chosen", "chosen"), ("train", "rewards/rejected", "rejected"),
+      ("train", "rewards/margins", "margin")], False),
+    ("reward_accuracy", "Reward accuracy (chosen rewarded over rejected)", "accuracy",
+     [("train", "rewards/accuracies", "train"), ("eval", "eval_rewards/accuracies", "eval")],
+     False),
+    ("logps", "Log-probs of the responses", "log-prob",
+     [("train", "logps/chosen", "chosen"), ("train", "logps/rejected", "rejected")], False),
 ]
+STYLES = ("-", "--", ":", "-.")  # one per series of a chart
 SIZE = (8, 4.5)   # inches
 DPI = 100         # -> 800 x 450 pixels
 
@@ -32,7 +42,7 @@ def plot_runs(runs: list[RunRecord], out: Path) -> list[Path]:
         drawn = 0
         for index, run in enumerate(runs):
             colour = colours[index % len(colours)]
-            for style, (kind, key, label) in zip(("-", "--"), series, strict=False):
+            for style, (kind, key, label) in zip(STYLES, series, strict=False):
                 records = run.train if kind == "train" else run.eval
                 points = [(r["step"], r[key]) for r in records
                           if isinstance(r.get(key), int | float)]
