@@ -50,10 +50,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def data_fingerprint(cfg, tokenizer) -> str:
+def data_fingerprint(cfg, tokenizer, share_prompt: bool = False) -> str:
     from strop.data.templates import jinja_text
 
-    parts: dict[str, Any] = {"version": FORMAT_VERSION,
+    parts: dict[str, Any] = {"version": FORMAT_VERSION, "share_prompt": share_prompt,
                              "keys": {k: getattr(cfg, k) for k in KEYS},
                              "tokenizer": tokenizer_fingerprint(tokenizer)}
     if cfg.chat_template_jinja:

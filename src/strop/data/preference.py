@@ -183,12 +183,17 @@ def render_examples(fmt: PreferenceFormat, chunk: list[tuple[str, Any]]
     return rendered, sides, places, problems
 
 
-def assemble(docs: TokenRows, sides: list[int], places: list[str], cfg,
-             counts: Counter) -> tuple[TokenRows, list[str]]:
+def assemble(docs: TokenRows, sides: list[int], places: list[str], cfg, counts: Counter,
+             share_prompt: bool = False) -> tuple[TokenRows, list[str]]:
     """Documents (two per example, in order) -> one row per example with the `side` column,
     after the length rules: each document is held to sequence_len (truncated, or its example
     dropped, or an error, as excess_length_strategy says), and an example with a document left
-    with nothing to score is dropped."""
+    with nothing to score is dropped.
+
+    share_prompt lays an example as prompt, first response, second response, the second a
+    branch whose positions continue the prompt's (strop.model.attention.segments): the prompt
+    is computed once. Only for a model that runs strop's varlen attention, which reads the
+    branch; any other attention needs the two whole documents."""
     limit = cfg.sequence_len
     starts, ends = docs.offsets[:-1], docs.offsets[1:].copy()
     lengths = ends - starts
@@ -217,9 +222,34 @@ def assemble(docs: TokenRows, sides: list[int], places: list[str], cfg,
     keep &= ~empty
     chosen_docs = np.repeat(keep, 2)
     kept = docs.spans(starts[chosen_docs], ends[chosen_docs])
+    kept_sides = np.asarray(sides, dtype=np.int8)[chosen_docs]
+    places = [p for p, k in zip(places, keep, strict=True) if k]
+    if share_prompt:
+        return _shared(kept, kept_sides), places
     doc_lengths = kept.lengths
     offsets = kept.offsets[::2]  # two documents a row
-    side = np.repeat(np.asarray(sides, dtype=np.int8)[chosen_docs], doc_lengths)
+    side = np.repeat(kept_sides, doc_lengths)
     rows = TokenRows(kept.input_ids, kept.labels, offsets, restarting_positions(doc_lengths),
                      {"side": side})
-    return rows, [p for p, k in zip(places, keep, strict=True) if k]
+    return rows, places
+
+
+def _shared(docs: TokenRows, sides: np.ndarray) -> TokenRows:
+    """Two documents a row -> prompt, first response, second response (a branch that skips
+    the prompt they share: their common first tokens, up to the first scored one)."""
+    keep = np.ones(docs.num_tokens, dtype=bool)
+    positions = restarting_positions(docs.lengths)
+    skipped = np.zeros(len(docs) // 2, dtype=np.int64)
+    for k in range(0, len(docs), 2):
+        a, b, c = (int(x) for x in docs.offsets[k:k + 3])
+        first, second = docs.input_ids[a:b], docs.input_ids[b:c]
+        limit = min(len(first), len(second))
+        differ = np.flatnonzero(first[:limit] != second[:limit])
+        common = int(differ[0]) if len(differ) else limit
+        scored = [int(np.argmax(docs.labels[x:y] != IGNORE)) for x, y in ((a, b), (b, c))]
+        prefix = min(common, *scored)  # each document has a scored token (assemble's rule)
+        keep[b:b + prefix] = False
+        skipped[k // 2] = prefix
+    offsets = docs.offsets[::2] - np.concatenate([[0], np.cumsum(skipped)])
+    return TokenRows(docs.input_ids[keep], docs.labels[keep], offsets, positions[keep],
+                     {"side": np.repeat(sides, docs.lengths)[keep]})

@@ -98,7 +98,8 @@ def _chunks(rows: Iterator, size: int) -> Iterator[list]:
 
 def tokenize_dataset(ds, cfg, tokenizer, encoder: Encoder | None = None,
                      cache_dir: Path | None = None, keep_all: bool = False,
-                     on_rows: Callable[[int], None] | None = None) -> Part:
+                     on_rows: Callable[[int], None] | None = None,
+                     share_prompt: bool = False) -> Part:
     """Read, format and tokenize one `datasets:` entry, applying the length rules.
 
     keep_all (for `strop data check`) keeps rows that training would drop, untruncated, and
@@ -106,7 +107,7 @@ def tokenize_dataset(ds, cfg, tokenizer, encoder: Encoder | None = None,
     """
     if cfg.preference:
         return _tokenize_preference(ds, cfg, tokenizer, encoder or Encoder(tokenizer), cache_dir,
-                                    keep_all, on_rows)
+                                    keep_all, on_rows, share_prompt)
     fmt = make_format(ds, cfg, tokenizer)
     encoder = encoder or Encoder(tokenizer)
     done: list[TokenRows] = []  # one per chunk: flat arrays, 4 bytes a token
@@ -159,7 +160,8 @@ def tokenize_dataset(ds, cfg, tokenizer, encoder: Encoder | None = None,
 
 
 def _tokenize_preference(ds, cfg, tokenizer, encoder: Encoder, cache_dir: Path | None,
-                         keep_all: bool, on_rows: Callable[[int], None] | None) -> Part:
+                         keep_all: bool, on_rows: Callable[[int], None] | None,
+                         share_prompt: bool) -> Part:
     """tokenize_dataset for preference rows: one row per example, two documents each
     (strop.data.preference). keep_all (`strop data check`) keeps every document as its own
     row, untruncated, with its `side` column and its own text."""
@@ -191,7 +193,7 @@ def _tokenize_preference(ds, cfg, tokenizer, encoder: Encoder, cache_dir: Path |
             wheres.extend(places[i // 2] for i in real)
             texts.extend(own[i] for i in real)
             continue
-        rows, kept = assemble(docs, sides, places, cfg, counts)
+        rows, kept = assemble(docs, sides, places, cfg, counts, share_prompt)
         done.append(rows)
         wheres.extend(kept)
     rows = TokenRows.concat(done) if done else TokenRows.empty(packed=not keep_all)
@@ -298,8 +300,10 @@ def _eval_count(cfg, n: int) -> int:
     return count
 
 
-def build(cfg, tokenizer, log: Callable[[str], None] | None = None) -> tuple[TokenRows, TokenRows | None, DataStats]:
-    """Tokenize every dataset of the config and assemble the training and eval rows."""
+def build(cfg, tokenizer, log: Callable[[str], None] | None = None, share_prompt: bool = False
+          ) -> tuple[TokenRows, TokenRows | None, DataStats]:
+    """Tokenize every dataset of the config and assemble the training and eval rows.
+    share_prompt: preference rows compute their prompt once (strop.data.preference.assemble)."""
     say = log or (lambda _: None)
     encoder = Encoder(tokenizer)
     hf_cache = cache.cache_root(cfg) / "hf-datasets"
@@ -308,7 +312,8 @@ def build(cfg, tokenizer, log: Callable[[str], None] | None = None) -> tuple[Tok
         for ds in getattr(cfg, group) or []:
             start = time.perf_counter()
             with _progress(ds.path, enabled=log is not None) as on_rows:
-                part = tokenize_dataset(ds, cfg, tokenizer, encoder, hf_cache, on_rows=on_rows)
+                part = tokenize_dataset(ds, cfg, tokenizer, encoder, hf_cache, on_rows=on_rows,
+                                        share_prompt=share_prompt)
             say(f"{ds.path}: {len(part.rows)} rows, {part.rows.num_tokens} tokens"
                 f"{f', {len(part.bad)} bad' if part.bad else ''} "
                 f"({time.perf_counter() - start:.1f}s)")
@@ -390,20 +395,22 @@ def _filter_summary(stats: DataStats) -> str:
 
 
 def prepare_data(cfg, tokenizer, *, use_cache: bool = True,
-                 log: Callable[[str], None] | None = None) -> PreparedData:
+                 log: Callable[[str], None] | None = None,
+                 share_prompt: bool = False) -> PreparedData:
     """Tokenized, masked, split and packed rows for a config, from the cache when it has them.
 
     Returns PreparedData: `train` and `eval` (None without evaluation data) are sequences of
     rows {"input_ids", "labels"[, "position_ids"]}; `stats` the figures of the preparation.
     """
-    fingerprint = cache.data_fingerprint(cfg, tokenizer)
+    share_prompt = share_prompt and cfg.preference
+    fingerprint = cache.data_fingerprint(cfg, tokenizer, share_prompt)
     folder = cache.cache_root(cfg) / fingerprint
     if use_cache:
         hit = cache.load(folder)
         if hit is not None:
             train, evaluation, stats = hit
             return PreparedData(train, evaluation, DataStats(**stats), fingerprint, folder, True)
-    train, evaluation, stats = build(cfg, tokenizer, log)
+    train, evaluation, stats = build(cfg, tokenizer, log, share_prompt)
     if use_cache:
         cache.save(folder, train, evaluation, stats.as_dict())
         # Memory-map what was saved, as a cache hit would, so both paths behave the same.

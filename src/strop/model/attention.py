@@ -29,16 +29,31 @@ SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "gra
 
 
 def document_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """(start, end) of each document in each row: a new document starts where position is 0."""
-    spans = []
+    """(start, end) of each segment in each row: a new document starts where position is 0,
+    and a branch (see `segments`) where the positions go back without reaching 0."""
+    return [[(start, end) for start, end, _ in row] for row in segments(position_ids)]
+
+
+def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int, int]]]:
+    """(start, end, prefix) of each segment of each row.
+
+    A segment starts where position is 0 (a new document: prefix 0), or where the positions go
+    back to some p > 0: a branch, which continues its document's first p tokens as a second
+    ending. A preference pair laid as prompt, chosen, rejected has positions 0..p+c-1 then
+    p..p+r-1: the rejected response attends to the prompt (the document's first p tokens) and to
+    itself, never to the chosen one, so the prompt is computed once for both.
+    """
+    out = []
     length = position_ids.shape[1]
     for row in position_ids:
-        starts = torch.nonzero(row == 0).flatten().tolist()
-        if not starts or starts[0] != 0:
-            starts = [0, *starts]
+        jumps = torch.ones(length, dtype=torch.bool, device=row.device)
+        jumps[1:] = row[1:] != row[:-1] + 1
+        starts = torch.nonzero(jumps).flatten().tolist()
+        values = row[starts].tolist()
         ends = [*starts[1:], length]
-        spans.append(list(zip(starts, ends, strict=True)))
-    return spans
+        out.append([(start, end, int(value)) for start, end, value in
+                    zip(starts, ends, values, strict=True)])
+    return out
 
 
 # PyTorch's CPU flash attention keeps a few MiB for every sequence length its bf16 backward has
@@ -107,9 +122,13 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
 # version would break the graph there and then recompile for every new set of lengths.
 @torch.compiler.disable
 def _packed_attention(query, key, value, position_ids, options) -> torch.Tensor | None:
-    """Causal attention within each packed document, or None when no row is packed."""
-    if not bool((position_ids[:, 1:] == 0).any()):
+    """Causal attention within each packed document (and each branch with its document's
+    prefix), or None when no row is packed."""
+    if not bool((position_ids[:, 1:] != position_ids[:, :-1] + 1).any()):
         return None
+    if bool((position_ids[:, 1:] != position_ids[:, :-1] + 1).logical_and(
+            position_ids[:, 1:] != 0).any()):
+        return _branched_attention(query, key, value, position_ids, options)
     # split/cat rather than slicing and writing into an output tensor: their backward passes
     # concatenate, where a slice's backward writes each document's gradient into a zero tensor
     # of the whole row (measured: a tenth of a packed step on a CPU). Each piece stays 4-D
@@ -124,6 +143,32 @@ def _packed_attention(query, key, value, position_ids, options) -> torch.Tensor 
             for q, k, v in zip(q_row.split(lengths, dim=2), k_row.split(lengths, dim=2),
                                v_row.split(lengths, dim=2), strict=True)], dim=1))
     return torch.cat(rows)  # contiguous: cat writes a new tensor
+
+
+def _branched_attention(query, key, value, position_ids, options) -> torch.Tensor:
+    """_packed_attention for rows with branches: a branch's queries see the keys of its
+    document's prefix, then its own causally (a bottom-right aligned causal mask)."""
+    rows = []
+    for q_row, k_row, v_row, spans in zip(query.split(1), key.split(1), value.split(1),
+                                          segments(position_ids), strict=True):
+        pieces, document = [], 0
+        for start, end, prefix in spans:
+            q = q_row[:, :, start:end]
+            if prefix == 0:
+                document = start
+                pieces.append(_causal_sdpa(q, k_row[:, :, start:end], v_row[:, :, start:end],
+                                           **options))
+                continue
+            shared = slice(document, document + prefix)
+            k = torch.cat([k_row[:, :, shared], k_row[:, :, start:end]], dim=2)
+            v = torch.cat([v_row[:, :, shared], v_row[:, :, start:end]], dim=2)
+            length = end - start
+            mask = torch.ones(length, prefix + length, dtype=torch.bool,
+                              device=q.device).tril(prefix)
+            pieces.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **options)
+                          .transpose(1, 2))
+        rows.append(torch.cat(pieces, dim=1))
+    return torch.cat(rows)
 
 
 def _no_mask(*args, **kwargs):

@@ -243,16 +243,43 @@ def _logprobs_plain(hidden: torch.Tensor, targets: torch.Tensor, head: OutputHea
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
+def label_sources(labels: torch.Tensor, position_ids: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trained label positions (B, T) and, for each in row-major order, the flat index into
+    (B * T) of the hidden state that predicts it: the token before it, except at the start of a
+    branch (strop.model.attention.segments), whose first token follows its document's prefix."""
+    batch, length = labels.shape
+    columns = torch.arange(length, device=labels.device).expand(batch, length)
+    jumps = torch.ones_like(labels, dtype=torch.bool)
+    jumps[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    mask = (labels != IGNORE) & (position_ids != 0)
+    mask[:, 0] = False  # nothing predicts a row's first token
+    # each token's document start: the last column at or before it with position 0
+    starts = torch.where(position_ids == 0, columns, torch.zeros_like(columns)).cummax(1).values
+    before = torch.where(jumps, starts + position_ids - 1, columns - 1)  # (B, T)
+    rows = torch.arange(batch, device=labels.device)[:, None] * length
+    return mask, (before + rows)[mask]
+
+
 def token_logprobs(hidden: torch.Tensor, labels: torch.Tensor, head: OutputHead, *,
+                   position_ids: torch.Tensor | None = None,
                    chunk_rows: int = LOSS_CHUNK_ROWS) -> torch.Tensor:
     """log p(label_t | tokens < t) at every trained label position, 0 elsewhere: (B, T) fp32.
 
     hidden: (B, T, H) final hidden states of a causal LM; labels: (B, T), -100 where not
-    trained. Only trained positions go through the head.
+    trained; position_ids (B, T), when rows may hold branches that share a prefix. Only trained
+    positions go through the head.
     """
-    mask = trained_positions(labels, shift=True)  # (B, T): position t predicts label t + 1
-    targets = _targets(labels, mask, shift=True)  # (N,)
-    selected = hidden[mask]  # (N, H)
+    if position_ids is not None:
+        label_mask, sources = label_sources(labels, position_ids)
+        targets = labels[label_mask]  # (N,)
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, sources)  # (N, H)
+    else:
+        mask = trained_positions(labels, shift=True)  # (B, T): position t predicts label t + 1
+        targets = _targets(labels, mask, shift=True)  # (N,)
+        selected = hidden[mask]  # (N, H)
+        label_mask = torch.zeros_like(mask)  # at the label's own position
+        label_mask[:, 1:] = mask[:, :-1]
     linear = head.linear()
     if linear is not None and not linear.weight.requires_grad and \
             (linear.bias is None or not linear.bias.requires_grad):
@@ -265,9 +292,6 @@ def token_logprobs(hidden: torch.Tensor, labels: torch.Tensor, head: OutputHead,
     else:
         values = _logprobs_plain(selected, targets, head, chunk_rows)
     out = hidden.new_zeros(labels.shape, dtype=torch.float32)
-    # at the label's own position: the value predicted from the position before it
-    label_mask = torch.zeros_like(mask)
-    label_mask[:, 1:] = mask[:, :-1]
     return out.masked_scatter(label_mask, values)
 
 

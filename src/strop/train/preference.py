@@ -87,7 +87,12 @@ class Documents:
 
     @classmethod
     def of(cls, batch: dict[str, torch.Tensor]) -> Documents:
-        starts = (batch["position_ids"] == 0).reshape(-1)  # every row starts a document
+        side = batch["side"]
+        # A document starts at position 0 (every row's first token); the rejected response
+        # of a row that shares its prompt starts where the side changes.
+        changes = torch.zeros_like(side, dtype=torch.bool)
+        changes[:, 1:] = side[:, 1:] != side[:, :-1]
+        starts = ((batch["position_ids"] == 0) | changes).reshape(-1)
         index = torch.cumsum(starts.long(), 0) - 1
         sides = batch["side"].reshape(-1)[starts].long()
         trained = (batch["labels"] != IGNORE).reshape(-1).float()
@@ -136,7 +141,8 @@ class PreferenceLossModel:
         inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
         # use_cache=False and no attention_mask: documents are kept apart by position_ids
         hidden = self.decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
-        return token_logprobs(hidden, batch["labels"], self.head)
+        return token_logprobs(hidden, batch["labels"], self.head,
+                              position_ids=batch["position_ids"])
 
     def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reference model's per-token log-probs: the column, or the model with its

@@ -259,3 +259,60 @@ def test_reference_from_the_disabled_adapter_equals_the_base_model(models):
     torch.testing.assert_close(live.reference_logprobs(batch),
                                _scorer(base, objective).token_logprobs(batch))
     assert not torch.allclose(live.token_logprobs(batch), live.reference_logprobs(batch))
+
+
+def _documents(pairs=PAIRS) -> tuple[TokenRows, np.ndarray]:
+    """Each side a whole document (prompt + response), two per pair, and their sides."""
+    ids, labels = [], []
+    for p in pairs:
+        for key in ("chosen_ids", "rejected_ids"):
+            ids.append(p["prompt_ids"] + p[key])
+            labels.append([IGNORE] * len(p["prompt_ids"]) + p[key])
+    return TokenRows.from_lists(ids, labels), np.array([CHOSEN, REJECTED] * len(pairs), np.int8)
+
+
+@pytest.mark.parametrize("name", ["dpo", "ipo", "orpo", "simpo"])
+def test_a_shared_prompt_gives_the_loss_and_gradients_of_whole_documents(models, name):
+    """Prompt, chosen, rejected in one row (the rejected a branch that attends to the prompt,
+    not to the chosen response) is the same computation as the two whole documents, with the
+    prompt computed once, and packs like any row."""
+    from strop.data.packing import pack
+    from strop.data.preference import _shared
+    from strop.model.attention import varlen_attention
+
+    policy, reference = models
+    objective = Objective(name, beta=0.5, rpo_alpha=0.3 if name == "dpo" else None)
+    shared = _shared(*_documents())
+    assert shared.num_tokens == _pair_rows().num_tokens - sum(len(p["prompt_ids"]) for p in PAIRS)
+    results = []
+    with varlen_attention(policy), varlen_attention(reference):
+        for rows in (_pair_rows(), shared, pack(shared, 200)):
+            policy.zero_grad(set_to_none=True)
+            loss, metrics, _ = _strop_loss(policy, reference, rows, objective)
+            loss.backward()
+            grads = torch.cat([p.grad.flatten() for p in policy.parameters()
+                               if p.grad is not None])
+            results.append((float(loss.detach()), metrics, grads))
+    for loss, metrics, grads in results[1:]:
+        assert loss == pytest.approx(results[0][0], rel=1e-5)
+        for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+            assert metrics[key] == pytest.approx(results[0][1][key], rel=1e-4, abs=1e-6)
+        torch.testing.assert_close(grads, results[0][2], rtol=1e-4, atol=1e-6)
+
+
+def test_branch_attention_equals_the_whole_second_document():
+    """Attention of a branch (positions going back to p > 0) sees its document's first p
+    tokens and itself: the outputs of running the second document whole."""
+    from strop.model.attention import varlen_sdpa_forward
+
+    torch.manual_seed(0)
+    prompt, first, second = 3, 4, 2
+    q, k, v = (torch.randn(1, 2, prompt + second, 8) for _ in range(3))
+    whole, _ = varlen_sdpa_forward(None, q, k, v, None)  # causal over prompt + second
+    extra = [torch.randn(1, 2, first, 8) for _ in range(3)]
+    branched = [torch.cat([t[:, :, :prompt], e, t[:, :, prompt:]], dim=2)
+                for t, e in zip((q, k, v), extra, strict=True)]
+    positions = torch.tensor([list(range(prompt + first)) + list(range(prompt, prompt + second))])
+    out, _ = varlen_sdpa_forward(None, *branched, None, position_ids=positions)
+    torch.testing.assert_close(out[:, :prompt], whole[:, :prompt])
+    torch.testing.assert_close(out[:, prompt + first:], whole[:, prompt:])
