@@ -15,7 +15,12 @@ def preprocess(cfg) -> None:
     from strop.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(cfg)
-    data = prepare_data(cfg, tokenizer, log=stderr_log)
+    share_prompt = False
+    if cfg.preference:  # the layout training will read (strop.train.loop.setup)
+        from strop.recipe.decide import decide_for
+
+        share_prompt = decide_for(cfg, tokenizer).varlen
+    data = prepare_data(cfg, tokenizer, log=stderr_log, share_prompt=share_prompt)
     s = data.stats
     state = "reused" if data.cached else "written"
     typer.echo(f"prepared data {state}: {data.path}")

@@ -110,3 +110,16 @@ def lean_parts(config: Any) -> tuple[bool, bool]:
     """(norms, SwiGLU): which lean modules a model of this config trains with."""
     prefix = _CLASS_PREFIX.get(getattr(config, "model_type", None), "")
     return f"{prefix}RMSNorm" in LEAN_NORMS, f"{prefix}MLP" in LEAN_MLPS and silu_mlp(config)
+
+
+def decide_for(cfg: StropConfig, tokenizer: Any, strategy: str = "single") -> Decisions:
+    """decide_setup for a run on this machine: the model's architecture read from the config
+    (and the tokenizer, for a model built from scratch). Training asks, and `strop preprocess`
+    too, to prepare the rows training will read."""
+    from strop.device import detect
+    from strop.model.load import architecture, flash_installed
+    from strop.precision import run_device
+
+    caps = detect()
+    return decide_setup(cfg, caps, architecture(cfg, tokenizer), run_device(cfg, caps),
+                        strategy=strategy, flash_installed=flash_installed(cfg.attention))

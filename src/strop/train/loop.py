@@ -58,12 +58,10 @@ def setup(loaded: LoadedConfig, overwrite: bool = False, world: World = SINGLE) 
     from strop.config.show import render_resolved
     from strop.data import prepare_data
     from strop.data.batches import BatchPlan, make_collator
-    from strop.device import detect
-    from strop.model.load import architecture, flash_installed, load_model
+    from strop.model.load import load_model
     from strop.model.quantize import parameter_count
     from strop.model.tokenizer import load_tokenizer
-    from strop.precision import run_device
-    from strop.recipe.decide import decide_setup
+    from strop.recipe.decide import decide_for
     from strop.recipe.math import training_flops_per_token
 
     cfg = loaded.cfg
@@ -76,10 +74,7 @@ def setup(loaded: LoadedConfig, overwrite: bool = False, world: World = SINGLE) 
     # Rank 0 first: it trains that tokenizer and fills the prepared-data cache the others read.
     with distributed.main_first(world):
         tokenizer = load_tokenizer(cfg)
-        caps = detect()
-        decisions = decide_setup(cfg, caps, architecture(cfg, tokenizer), run_device(cfg, caps),
-                                 strategy=world.strategy,
-                                 flash_installed=flash_installed(cfg.attention))
+        decisions = decide_for(cfg, tokenizer, world.strategy)
         # Preference rows compute their prompt once when strop's attention runs the model
         # (the only one that reads a branch); otherwise each side is a whole document.
         data = prepare_data(cfg, tokenizer, share_prompt=decisions.varlen)
@@ -102,7 +97,9 @@ def setup(loaded: LoadedConfig, overwrite: bool = False, world: World = SINGLE) 
             gradient_checkpointing_kwargs={"use_reentrant": cfg.checkpointing_reentrant})
     loss_model = LossModel.of(model, cfg.objective)
     if cfg.preference:
-        loss_model = _preference_loss(cfg, model, loss_model, data, tokenizer, decisions, world)
+        from strop.train.preference import loss_model_for_run
+
+        loss_model = loss_model_for_run(cfg, model, loss_model, data, tokenizer, decisions, world)
     if cfg.compile_model:
         loss_model = compiled(loss_model)
     # logical shapes: a 4-bit base counts its values, not its packed bytes (as the adapter
@@ -172,40 +169,6 @@ def setup(loaded: LoadedConfig, overwrite: bool = False, world: World = SINGLE) 
         # checkpoint's run did not have keeps the seed it was given above.
         ckpt.restore_rng(resume_dir, world.rank)
     return run
-
-
-def _preference_loss(cfg, model, loss_model: LossModel, data, tokenizer, decisions,
-                     world: World):
-    """The preference loss model; the reference's log-probs scored now, before any weight
-    moves, when the run has no live reference (full fine-tuning: no second copy of the model)
-    or asks for them (precompute_ref_log_probs)."""
-    from strop.data.batches import make_collator
-    from strop.model.attention import varlen_attention
-    from strop.train import preference
-
-    precision = decisions.precision
-    precomputed = cfg.uses_reference and (cfg.precompute_ref_log_probs or not cfg.uses_lora)
-    scorer = preference.of(model, loss_model, cfg, precomputed)
-    if precomputed:
-        started = time.perf_counter()
-        # the attention training runs with (rows that share their prompt need it)
-        hf = unwrap(model)
-        attention = (lambda: varlen_attention(hf)) if decisions.varlen else contextlib.nullcontext
-        collate = make_collator(cfg, tokenizer)
-        alone = world.strategy == "fsdp" and cfg.fsdp.cpu_ram_efficient_loading
-        for split in ("train", "eval"):
-            rows = getattr(data, split)
-            if rows is None or not len(rows):
-                continue
-            with attention():
-                values = preference.precompute_reference(
-                    scorer, rows, collate, cfg.effective_eval_batch_size, precision.device,
-                    precision.autocast(), world, cfg.uses_lora, alone)
-            setattr(data, split, rows.with_column("ref_logps", values))
-        if world.main:
-            print(f"scored the reference's log-probs in {time.perf_counter() - started:.1f}s",
-                  flush=True)
-    return scorer
 
 
 def _peak_flops(precision: Precision) -> float | None:

@@ -290,3 +290,41 @@ def precompute_reference(loss_model: PreferenceLossModel, rows, collate, batch_s
     return distributed.all_sum_array(world, values)
 
 
+
+
+def loss_model_for_run(cfg, model: torch.nn.Module, loss_model: Any, data, tokenizer, decisions,
+                       world) -> PreferenceLossModel:
+    """The preference loss model of a run; the reference's log-probs scored now, before any
+    weight moves, when the run has no live reference (full fine-tuning: no second copy of the
+    model) or asks for them (precompute_ref_log_probs). `data` (PreparedData) gets them as
+    its rows' `ref_logps` column."""
+    import time
+
+    from strop.data.batches import make_collator
+    from strop.model.attention import varlen_attention
+    from strop.train.forward import unwrap
+
+    precision = decisions.precision
+    precomputed = cfg.uses_reference and (cfg.precompute_ref_log_probs or not cfg.uses_lora)
+    scorer = of(model, loss_model, cfg, precomputed)
+    if not precomputed:
+        return scorer
+    started = time.perf_counter()
+    # the attention training runs with (rows that share their prompt need it)
+    hf = unwrap(model)
+    attention = (lambda: varlen_attention(hf)) if decisions.varlen else contextlib.nullcontext
+    collate = make_collator(cfg, tokenizer)
+    alone = world.strategy == "fsdp" and cfg.fsdp.cpu_ram_efficient_loading
+    for split in ("train", "eval"):
+        rows = getattr(data, split)
+        if rows is None or not len(rows):
+            continue
+        with attention():
+            values = precompute_reference(scorer, rows, collate, cfg.effective_eval_batch_size,
+                                          precision.device, precision.autocast(), world,
+                                          cfg.uses_lora, alone)
+        setattr(data, split, rows.with_column("ref_logps", values))
+    if world.main:
+        print(f"scored the reference's log-probs in {time.perf_counter() - started:.1f}s",
+              flush=True)
+    return scorer
