@@ -386,3 +386,30 @@ def test_a_rank_that_hangs_is_named_when_the_collective_times_out(work):
     assert job.returncode != 0
     assert "error: rank 0: waited ddp_timeout (5 s)" in out, out[-3000:]
     assert "rank 1 did not answer" in out
+
+
+@pytest.mark.parametrize("mode, strategy", [("lora", "ddp"), ("full", "fsdp")])
+def test_dpo_trains_the_same_on_two_processes(work, mode, strategy):
+    """Preference rows, the pair count normalised over both ranks, the reference live (LoRA:
+    the adapter off) or scored before training by both ranks, each its share (full)."""
+    rows = [json.loads(line) for line in work["data"].read_text().splitlines()][:40]
+    pairs = work["root"] / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": r["instruction"] + "\n", "chosen": r["output"],
+                                         "rejected": r["output"][::-1]}) + "\n" for r in rows))
+    extra = {**(LORA if mode == "lora" else {}), "rl": "dpo", "rl_beta": 0.5, "val_set_size": 4,
+             "eval_steps": 2, "datasets": [{"path": str(pairs), "type": "untemplated"}],
+             "dataset_prepared_path": str(work["root"] / f"prepared-dpo-{mode}")}
+    ok(one_process(config(work, f"dpo-{mode}-one", **extra), "--gradient_accumulation_steps", "2"))
+    sharding = {"fsdp_version": 2} if strategy == "fsdp" else {}
+    ok(torchrun(config(work, f"dpo-{mode}-{strategy}", **extra, **sharding),
+                "--gradient_accumulation_steps", "1"))
+    one, two = (work["root"] / f"dpo-{mode}-{s}" for s in ("one", strategy))
+    records = [[json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+               for out in (one, two)]
+    for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+        assert [r[key] for r in records[1] if r["kind"] == "train"] == pytest.approx(
+            [r[key] for r in records[0] if r["kind"] == "train"], rel=1e-5, abs=1e-6), key
+    for key in ("eval_loss", "eval_rewards/accuracies", "eval_pairs"):
+        assert [r[key] for r in records[1] if r["kind"] == "eval"] == pytest.approx(
+            [r[key] for r in records[0] if r["kind"] == "eval"], rel=1e-5), key
+    assert records[0][0]["loss"] == pytest.approx(0.693147, rel=1e-5)  # policy == reference
