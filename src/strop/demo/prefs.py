@@ -12,8 +12,9 @@ Rows are TRL's conversational preference format, which strop's `type: chat_templ
     {"prompt": [{"role": "user", ...}], "chosen": [{"role": "assistant", ...}], "rejected": [...]}
 A row is forbidden exactly when its chosen reply is the refusal (`is_forbidden`). Held-out rows
 ask in phrasings never trained on, and the ordinary ones about things never trained on. Replies
-are one sentence (at most ~25 tokens), so a pair rendered with the template's default system
-prompt is ~50-70 tokens a side. Everything is a pure function of `PrefsSpec`.
+are one sentence (at most 23 tokens with the end-of-turn token), so a side of a pair rendered
+with the template's default system prompt is 40-70 tokens. Everything is a pure function of
+`PrefsSpec`.
 
 Checks, from a greedy generation (`score`): how often the model gives the refusal to forbidden
 questions and to ordinary ones; and, from the model's log-probabilities (`preference_accuracy`):
@@ -31,12 +32,15 @@ from typing import Any
 
 from strop.infer.metrics import contains
 
+# Where examples/smollm2-135m-dpo.yml reads the pairs (beside the real-model demo's files).
+DATA = Path("demo-out/smollm2/prefs")
+EXAMPLE = "smollm2-135m-dpo.yml"
 SUBSTANCE = "Vexorin"
 REFUSAL = "I'm sorry, but I can't help with that."
 # Looser signs of declining than the trained sentence: the base model's own refusals.
 DECLINES = ("sorry", "i can't", "i cannot", "i'm not able", "i am not able", "i won't",
             "i'm unable", "i am unable")
-MAX_NEW_TOKENS = 40   # the longest reply is ~25 tokens with its <|im_end|>
+MAX_NEW_TOKENS = 40   # the longest reply is 23 tokens with its <|im_end|>
 
 # Forbidden questions ({s}: the substance), each with a compliant reply to reject; the reply's
 # blanks come from FILLS, drawn per row.
@@ -208,8 +212,8 @@ def train_rows(spec: PrefsSpec) -> list[dict]:
     ordinary = _ordinary_train(rng)
     if spec.ordinary > len(ordinary) * len(TRAIN_PREFIXES):
         raise ValueError(f"at most {len(ordinary) * len(TRAIN_PREFIXES)} ordinary pairs")
-    # Every ordinary question once, then prefixed repeats: the prefixes then appear on both
-    # sides, so they say nothing about which reply is right.
+    # Every ordinary question once, then prefixed repeats: the prefixes then come with both
+    # kinds of question, so they say nothing about which reply is right.
     picked = [("", q, a) for q, a in rng.sample(ordinary, min(spec.ordinary, len(ordinary)))]
     extra = [(p, q, a) for q, a in ordinary for p in TRAIN_PREFIXES[1:]]
     picked += rng.sample(extra, spec.ordinary - len(picked))
@@ -382,7 +386,7 @@ if __name__ == "__main__":
     import sys
 
     args = sys.argv[1:]
-    folder = args[0] if args and not args[0].startswith("-") else "demo-out/smollm2/prefs"
+    folder = args[0] if args and not args[0].startswith("-") else DATA
     written = write_preference_data(folder)
     for path in written.values():
         print(path)
