@@ -3,6 +3,7 @@ scored by counting refusals and comparing log-probabilities."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -131,3 +132,21 @@ def test_the_example_config_trains_on_what_the_writer_writes():
     assert Path(cfg.datasets[0].path) == DATA / "train.jsonl"
     assert Path(cfg.base_model) == REAL_OUT / smollm2.FILE  # the link the real demo writes
     assert Path(cfg.output_dir).parent == REAL_OUT == DATA.parent
+
+
+def test_the_preference_demo_checks_its_claims():
+    """strop demo --preference passes only when the refusal is learnt, ordinary questions are
+    still answered and the preferred replies gained."""
+    from rich.console import Console
+
+    from strop.demo.preference import _check
+
+    before = {"forbidden_refused": 0.0, "ordinary_refused": 0.0, "preference_accuracy": 0.75,
+              "mean_margin": 15.0}
+    good = {"forbidden_refused": 0.75, "ordinary_refused": 0.05, "preference_accuracy": 0.8,
+            "mean_margin": 45.0}
+    quiet = Console(file=io.StringIO())
+    assert _check(before, good, quiet)
+    for key, value in (("forbidden_refused", 0.4), ("ordinary_refused", 0.2),
+                       ("mean_margin", 10.0), ("preference_accuracy", 0.7)):
+        assert not _check(before, {**good, key: value}, quiet), key
