@@ -235,3 +235,47 @@ def test_bitsandbytes_import_notice_about_optional_kernels_is_dropped():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, env=env)
     assert done.stdout.strip() and "kernels-community" not in done.stderr, done.stderr
+
+
+def _dpo_grads(model, batch):
+    """LoRA gradients of the DPO loss, the reference being the same model with its adapter off
+    (a no-grad forward of the 4-bit base every step)."""
+    from strop.train.forward import LossModel
+    from strop.train.preference import Objective, PreferenceLossModel
+
+    model.train()
+    model.zero_grad()
+    base = LossModel.of(model, "causal_lm")
+    scorer = PreferenceLossModel(model, base.decoder, base.head, Objective("dpo", beta=0.5),
+                                 precomputed=False)
+    sums, _ = scorer.parts(batch)
+    (sums["pairs"] / scorer.counts(batch)["pairs"]).backward()
+    return {n.replace(".base_layer", ""): p.grad.clone()
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_qlora_dpo_gradients_match_dequantized_reference_across_train_eval_train(tiny_model_dir):
+    """DPO's reference pass runs the 4-bit base without gradients every step: it must not put
+    bitsandbytes' layers in a layout whose backward is wrong (strop.model.quantize)."""
+    import numpy as np
+
+    from strop.data.batches import Collator
+    from strop.data.rows import TokenRows, restarting_positions
+
+    qlora, reference = _four_bit_and_reference(tiny_model_dir("llama"))
+    docs = [([5, 6, 7, 8], [9, 10, 2], 1), ([5, 6, 7, 8], [11, 12, 13, 2], 2),
+            ([20, 21], [22, 2], 1), ([20, 21], [23, 24, 2], 2)]
+    ids = [t for p, r, _ in docs for t in p + r]
+    labels = [t for p, r, _ in docs for t in [-100] * len(p) + r]
+    sides = [s for p, r, s in docs for _ in p + r]
+    lengths = np.array([len(p) + len(r) for p, r, _ in docs])
+    rows = TokenRows(np.array(ids, np.int32), np.array(labels, np.int32),
+                     np.concatenate([[0], np.cumsum(lengths.reshape(-1, 2).sum(1))]),
+                     restarting_positions(lengths), {"side": np.array(sides, np.int8)})
+    batch = Collator(0)([rows.arrays(i) for i in range(len(rows))])
+    errors = []
+    for _ in range(3):
+        errors.append(_worst_relative_error(_dpo_grads(qlora, batch), _dpo_grads(reference, batch)))
+        _evaluate(qlora, batch["input_ids"])
+        _evaluate(reference, batch["input_ids"])
+    assert max(errors) < 1e-4, errors
