@@ -413,7 +413,10 @@ def _log_train(run: Run, log: MetricsLog, grad_norm: float, since: SinceLog) -> 
               "skipped_steps": state.skipped_steps, "world_size": run.world.size,
               **{name: value / count for name, (value, count) in since.metrics.items() if count}}
     log.write(record)
-    log.show(state.step, {"loss": loss, "lr": record["lr"], "tok/s": round(trained_per_s)})
+    shown = {"loss": loss, "lr": record["lr"], "tok/s": round(trained_per_s)}
+    if "rewards/accuracies" in record:  # a preference run: is the chosen reply rewarded more?
+        shown["reward acc"] = round(record["rewards/accuracies"], 3)
+    log.show(state.step, shown)
 
 
 def _evaluated_at(state: ckpt.TrainerState, step: int) -> bool:
