@@ -138,6 +138,14 @@ class OutputHead:
 
 
 
+def _head_dtype(selected: torch.Tensor, linear: nn.Linear) -> torch.dtype:
+    """The dtype the chunked head multiplies in: autocast's when it is on, else the hidden
+    states' (or the head's, under fp32 hidden states)."""
+    if torch.is_autocast_enabled(selected.device.type):
+        return torch.get_autocast_dtype(selected.device.type)
+    return selected.dtype if selected.dtype != torch.float32 else linear.weight.dtype
+
+
 def lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: OutputHead, *, shift: bool = True,
                 chunk_rows: int = LOSS_CHUNK_ROWS) -> tuple[torch.Tensor, int]:
     """Sum of cross-entropy over trained positions, and how many there are.
@@ -152,12 +160,9 @@ def lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: OutputHead, *,
     targets = _targets(labels, mask, shift)  # (N,)
     linear = head.linear()
     if linear is not None:
-        dtype = selected.dtype if selected.dtype != torch.float32 else linear.weight.dtype
-        if torch.is_autocast_enabled(selected.device.type):
-            dtype = torch.get_autocast_dtype(selected.device.type)
         with torch.autocast(selected.device.type, enabled=False):
             total = _LinearCrossEntropy.apply(selected, linear.weight, linear.bias, targets,
-                                              chunk_rows, dtype)
+                                              chunk_rows, _head_dtype(selected, linear))
         return total, n
     # Any other head: chunked, each chunk recomputed in backward so logits are never all kept.
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -283,12 +288,9 @@ def token_logprobs(hidden: torch.Tensor, labels: torch.Tensor, head: OutputHead,
     linear = head.linear()
     if linear is not None and not linear.weight.requires_grad and \
             (linear.bias is None or not linear.bias.requires_grad):
-        dtype = selected.dtype if selected.dtype != torch.float32 else linear.weight.dtype
-        if torch.is_autocast_enabled(selected.device.type):
-            dtype = torch.get_autocast_dtype(selected.device.type)
         with torch.autocast(selected.device.type, enabled=False):
             values = _LinearLogProb.apply(selected, linear.weight, linear.bias, targets,
-                                          chunk_rows, dtype)
+                                          chunk_rows, _head_dtype(selected, linear))
     else:
         values = _logprobs_plain(selected, targets, head, chunk_rows)
     out = hidden.new_zeros(labels.shape, dtype=torch.float32)
