@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from strop.data.formats import ChatTemplate, Rendered, RowProblem, _short, _text
+from strop.data.prepare import long_rule
 from strop.data.rows import IGNORE, TokenRows, restarting_positions
-from strop.errors import StropError
 
 # Values of the `side` column (0: padding).
 CHOSEN, REJECTED, DESIRABLE, UNDESIRABLE, KL = 1, 2, 3, 4, 5
@@ -197,21 +197,11 @@ def assemble(docs: TokenRows, sides: list[int], places: list[str], cfg, counts: 
     limit = cfg.sequence_len
     starts, ends = docs.offsets[:-1], docs.offsets[1:].copy()
     lengths = ends - starts
-    keep = np.ones(len(places), dtype=bool)
-    long = (lengths > limit).reshape(-1, 2).any(axis=1)
-    if long.any():
-        if cfg.long_rows == "raise":
-            i = int(np.flatnonzero(long)[0])
-            raise StropError(f"{places[i]}: a response with its prompt has "
-                             f"{int(lengths[2 * i:2 * i + 2].max())} tokens, more than "
-                             f"sequence_len {limit}; raise sequence_len, or set "
-                             "excess_length_strategy: truncate (or drop)")
-        if cfg.long_rows == "drop":
-            counts["dropped_long"] += int(long.sum())
-            keep &= ~long
-        else:
-            counts["truncated"] += int(long.sum())
-            ends = np.minimum(ends, starts + limit)
+    keep, cut = long_rule((lengths > limit).reshape(-1, 2).any(axis=1), cfg, counts,
+                          lambda i: f"{places[i]}: a response with its prompt has "
+                                    f"{int(lengths[2 * i:2 * i + 2].max())} tokens")
+    if cut:
+        ends = np.minimum(ends, starts + limit)
     if cfg.min_sample_len:
         short = keep & (lengths < cfg.min_sample_len).reshape(-1, 2).any(axis=1)
         counts["dropped_short"] += int(short.sum())

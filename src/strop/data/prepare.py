@@ -200,6 +200,25 @@ def _tokenize_preference(ds, cfg, tokenizer, encoder: Encoder, cache_dir: Path |
     return Part(ds.path, rows, False, wheres, bad, counts, texts)
 
 
+def long_rule(long: np.ndarray, cfg, counts: Counter,
+              too_long: Callable[[int], str]) -> tuple[np.ndarray, bool]:
+    """excess_length_strategy over `long` (a mask of rows, or of preference pairs, over
+    sequence_len): an error naming the first (`too_long(i)` says what it holds), or the mask of
+    those kept and whether they are to be cut to sequence_len. Counts what it drops or cuts."""
+    keep = np.ones(len(long), dtype=bool)
+    if not long.any():
+        return keep, False
+    if cfg.long_rows == "raise":
+        i = int(np.flatnonzero(long)[0])
+        raise StropError(f"{too_long(i)}, more than sequence_len {cfg.sequence_len}; raise "
+                         "sequence_len, or set excess_length_strategy: truncate (or drop)")
+    if cfg.long_rows == "drop":
+        counts["dropped_long"] += int(long.sum())
+        return ~long, False
+    counts["truncated"] += int(long.sum())
+    return keep, True
+
+
 def _length_rules(rows: TokenRows, places: list[str], is_text: bool, cfg,
                   counts: Counter) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the rows training keeps, and where each ends (after truncation).
@@ -212,19 +231,11 @@ def _length_rules(rows: TokenRows, places: list[str], is_text: bool, cfg,
     keep = np.ones(len(rows), dtype=bool)
     limit = cfg.sequence_len
     if not is_text:
-        long = lengths > limit
-        if long.any():
-            if cfg.long_rows == "raise":
-                i = int(np.flatnonzero(long)[0])
-                raise StropError(f"{places[i]}: the row has {int(lengths[i])} tokens, more than "
-                                 f"sequence_len {limit}; raise sequence_len, or set "
-                                 "excess_length_strategy: truncate (or drop)")
-            if cfg.long_rows == "drop":
-                counts["dropped_long"] += int(long.sum())
-                keep &= ~long
-            else:
-                counts["truncated"] += int(long.sum())
-                ends = np.minimum(ends, starts + limit)
+        kept, cut = long_rule(lengths > limit, cfg, counts,
+                              lambda i: f"{places[i]}: the row has {int(lengths[i])} tokens")
+        keep &= kept
+        if cut:
+            ends = np.minimum(ends, starts + limit)
     if cfg.min_sample_len:
         short = keep & (lengths < cfg.min_sample_len)
         counts["dropped_short"] += int(short.sum())
